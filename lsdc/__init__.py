@@ -1,0 +1,3 @@
+"""The `lsdc` command: thin wiring above the three packages (cache, prep, train)."""
+
+__version__ = "0.1.0"

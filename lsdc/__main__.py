@@ -1,0 +1,3 @@
+from lsdc.cli import app
+
+app()
