@@ -1,4 +1,28 @@
 """lsdc cache: the on-disk contract between prep (writes) and train/notebooks (read).
 
-Depends on numpy, zarr, pandas and pyarrow only.
+Depends on numpy, zarr, pandas and pyarrow only (matplotlib only inside `show`).
+
+    w = cache.CacheWriter.create(path, n_rows=N, slices=7, size=256, config=cfg)   # prep
+    c = cache.open(path); c.index; c[i]; c.select(condition=...); c.show(i)         # train, notebooks
 """
+
+from cache.format import (
+    FORMAT_VERSION,
+    CacheConfigMismatch,
+    CacheError,
+    CacheFormatError,
+    CacheLocked,
+    CacheNotFinalised,
+    ChecksumError,
+    MissingChunkError,
+    checksum,
+    config_hash,
+)
+from cache.reader import CacheReader, open, verify
+from cache.writer import CacheWriter, build_lock
+
+__all__ = [
+    "FORMAT_VERSION", "CacheConfigMismatch", "CacheError", "CacheFormatError", "CacheLocked", "CacheNotFinalised",
+    "ChecksumError", "MissingChunkError", "checksum", "config_hash", "CacheReader", "open", "verify",
+    "CacheWriter", "build_lock",
+]

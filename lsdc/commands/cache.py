@@ -1,7 +1,97 @@
-"""`lsdc cache ...`."""
+"""`lsdc cache ...`: info, verify, show. Thin wrappers over `cache.open`, `cache.verify` and `CacheReader.show`."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+PATH_ARG = typer.Argument(..., help="Cache directory (or a URL zarr understands, e.g. file://...).")
+
+
+def _open(path: str):
+    import cache
+
+    try:
+        return cache.open(path)
+    except cache.CacheError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _table(title: str, counts: dict) -> str:
+    width = max((len(str(k)) for k in counts), default=0)
+    return "\n".join([title] + [f"  {str(k):<{width}}  {v:>7}" for k, v in counts.items()])
+
+
+@app.command()
+def info(path: str = PATH_ARG) -> None:
+    """Counts by condition, label and series type; size on disk; compression ratio; the prep config."""
+    from cache.reader import _label_names
+
+    c = _open(path)
+    s = c.summary()
+    index = c.index
+    ratio = f"{s['compression_ratio']:.2f}" if s["compression_ratio"] else "n/a"
+    typer.echo(f"cache {s['path']}  (format {s['format_version']}, created {s['created']})")
+    typer.echo(f"samples {s['samples']} of shape {tuple(s['sample_shape'])} uint8 from {s['studies']} studies; "
+               f"errors {s['errors']}")
+    typer.echo(f"size on disk {s['bytes_on_disk'] / 1e6:.1f} MB; codec {s['codec']}; compression ratio {ratio} "
+               "(raw bytes / bytes on disk)")
+    typer.echo(_table("by condition:", index["condition"].value_counts().sort_index().to_dict()))
+    typer.echo(_table("by label:", _label_names(index["label"]).value_counts().sort_index().to_dict()))
+    typer.echo(_table("by series description:", index["series_description"].value_counts().sort_index().to_dict()))
+    if len(c.errors):
+        typer.echo(_table("errors by stage:", c.errors["stage"].value_counts().sort_index().to_dict()))
+    typer.echo(f"config (hash {s['config_hash']}):")
+    typer.echo(json.dumps(c.manifest["config"], indent=2, sort_keys=True, default=str))
+
+
+@app.command()
+def verify(path: str = PATH_ARG) -> None:
+    """Check that every index row has its data and its checksum matches; exit 1 and list the bad rows otherwise."""
+    import cache
+
+    c = _open(path)
+    bar = None
+    if not os.environ.get("LSDC_NO_PROGRESS"):
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(c), desc="verify", unit="sample")
+    bad = cache.verify(c, on_row=(lambda n: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    if len(bad) == 0:
+        typer.echo(f"ok: all {len(c)} samples present and matching their checksums")
+        return
+    typer.secho(f"{len(bad)} of {len(c)} samples are bad:", fg="red", err=True)
+    typer.echo(bad.to_string(index=False))
+    raise typer.Exit(1)
+
+
+@app.command()
+def show(
+    path: str = PATH_ARG,
+    study: int = typer.Option(..., help="study_id"),
+    condition: str = typer.Option(..., help="e.g. 'Spinal Canal Stenosis'"),
+    level: str = typer.Option(..., help="e.g. 'L4/L5'"),
+    row: int = typer.Option(0, help="which match, when several samples match (e.g. two series)"),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: show_<study>_<condition>_<level>.png)"),
+) -> None:
+    """Draw one sample as a grid of slices x windows and save it as a PNG."""
+    from cache.rsna import slug
+
+    c = _open(path)
+    view = c.select(study_id=study, condition=condition, level=level)
+    if not 0 <= row < len(view):
+        typer.secho(f"error: {len(view)} samples match study {study}, {condition!r}, {level!r}; --row {row} is "
+                    "out of range", fg="red", err=True)
+        raise typer.Exit(2)
+    out = out or Path(f"show_{study}_{slug(condition)}_{slug(level)}.png")
+    view.show(row).savefig(out, dpi=100)
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,59 @@
+"""A sample as a picture: windows (rows) x slices (columns), titled with its ids, label and crop size.
+
+matplotlib is imported inside `show` so `import cache` stays light on a training box.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from cache.rsna import LABELS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from cache.reader import CacheReader
+
+
+def title(rec: pd.Series, size: int) -> str:
+    label = "no label" if pd.isna(rec["label"]) else f"label {LABELS[int(rec['label'])]}"
+    return (f"study {rec['study_id']} · series {rec['series_id']} ({rec['series_description']}) · row {rec['row']}\n"
+            f"{rec['condition']} {rec['level']} · {label} · crop {2 * rec['half_size_mm']:.0f} mm = "
+            f"{2 * rec['half_size_px']:.0f} px -> {size} px")
+
+
+def show(reader: CacheReader, i: int = 0, windows: list[str] | None = None, scale: float = 1.6) -> Figure:
+    """Sample i of `reader` (a cache or a view) as a matplotlib Figure: one column per slice, one row per window.
+
+    Columns are titled with the slice's offset along the stack (mm) and instance number; the labelled slice
+    (offset 0) is framed in red and slices copied from the stack's edge are marked "edge copy".
+    """
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, works with any backend
+
+    stack = reader[i]
+    rec = reader.index.iloc[int(i)]
+    n_slices, n_windows = stack.shape[:2]
+    windows = windows or reader.manifest.get("window_names") or [f"window {w + 1}" for w in range(n_windows)]
+    fig = Figure(figsize=(scale * n_slices, scale * n_windows + 0.9), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n_windows, n_slices))
+    offsets, instances, replicated = rec["slice_offsets_mm"], rec["slice_instances"], rec["replicated"]
+    for w in range(n_windows):
+        for s in range(n_slices):
+            ax = axes[w, s]
+            ax.imshow(stack[s, w], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            centre = abs(float(offsets[s])) < 1e-6
+            for spine in ax.spines.values():
+                spine.set_color("red" if centre else "none")
+                spine.set_linewidth(2)
+            if w == 0:
+                edge = " edge copy" if bool(replicated[s]) else ""
+                ax.set_title(f"{float(offsets[s]):+.1f} mm\n#{int(instances[s])}{edge}", fontsize=8)
+            if s == 0:
+                ax.set_ylabel(windows[w], fontsize=8)
+    fig.suptitle(title(rec, stack.shape[-1]), fontsize=9)
+    return fig

@@ -1,0 +1,251 @@
+"""Writing a cache (used by prep): create or resume, write samples by row from many processes, finalise last.
+
+Every sample is its own chunk, so two tasks writing different rows never touch the same file, and zarr's local
+store writes each chunk by temp-file-and-rename: a killed writer leaves the old chunk or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import zarr
+
+from cache import format as fmt
+from cache.format import CacheConfigMismatch, CacheError, CacheLocked, MissingChunkError
+from cache.io import atomic_write, atomic_write_json
+
+__all__ = ["CacheWriter", "build_lock", "CacheConfigMismatch", "CacheLocked"]
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """The writer (and its lock) work on local directories; 'file://' URLs are accepted."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    if "://" in text:
+        raise ValueError(f"the cache writer writes to local paths only, got {text!r}; build locally, then copy")
+    return Path(text)
+
+
+def _is_cache(root: Path) -> bool:
+    return (root / "zarr.json").is_file()
+
+
+def _clear(root: Path) -> None:
+    """Delete an old cache's contents but keep the build lock (held by the caller of create(clean=True))."""
+    for child in root.iterdir():
+        if child.name == fmt.LOCK_FILE:
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+class CacheWriter:
+    """Handle on a cache being built. Holds only its path, so it pickles cheaply to Dask workers."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = local_path(path)
+        self._array: zarr.Array | None = None
+        self._pid = -1
+
+    # --- opening -------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, n_rows: int, slices: int = 7, size: int = 256,
+               config: dict[str, Any] | None = None, clean: bool = False,
+               codec: str = fmt.DEFAULT_CODEC) -> CacheWriter:
+        """A new store of shape (n_rows, slices, 3, size, size), or a resumable one built with the same config.
+
+        An existing cache with another config hash or shape raises CacheConfigMismatch unless clean=True, which
+        deletes it first. A directory that is not a cache is never deleted.
+        """
+        config = dict(config or {})
+        root = local_path(path)
+        want_hash = fmt.config_hash(config)
+        shape = (int(n_rows), int(slices), 3, int(size), int(size))
+        leftovers = [p for p in root.iterdir() if p.name != fmt.LOCK_FILE] if root.is_dir() else []
+        if leftovers and not _is_cache(root):
+            raise CacheError(f"{root} exists and is not an lsdc cache ({leftovers[0].name} inside); "
+                             "choose another output path")
+        if leftovers and clean:
+            _clear(root)
+        elif leftovers:
+            writer = cls(root)
+            build = zarr.open_group(str(root), mode="r").attrs.get("build", {})
+            have_hash, have_shape = build.get("config_hash"), tuple(build.get("shape", ()))
+            if have_hash != want_hash:
+                raise CacheConfigMismatch(
+                    f"cache at {root} was built with config {have_hash}, this build's config is {want_hash}; "
+                    "rebuild with clean=True (`lsdc prep --clean`) or choose another output path")
+            if have_shape != shape:
+                raise CacheConfigMismatch(
+                    f"cache at {root} (config {have_hash}) has shape {list(have_shape)}, this build wants "
+                    f"{list(shape)} (did the input data change?); rebuild with clean=True or use another path")
+            return writer
+        return cls._new(root, shape, config, want_hash, codec)
+
+    @classmethod
+    def _new(cls, root: Path, shape: tuple[int, ...], config: dict[str, Any], chash: str, codec: str) -> CacheWriter:
+        if codec not in fmt.CODECS:
+            raise ValueError(f"unknown codec {codec!r}; choose one of {list(fmt.CODECS)}")
+        root.mkdir(parents=True, exist_ok=True)
+        build = {"format_version": fmt.FORMAT_VERSION, "finalised": False, "config_hash": chash, "config": config,
+                 "shape": list(shape), "codec": codec}
+        group = zarr.create_group(str(root), attributes={"build": build})  # overwrite would delete the lock
+        group.create_array(fmt.ARRAY, shape=shape, chunks=(1, *shape[1:]), dtype="uint8", fill_value=0,
+                           compressors=fmt.CODECS[codec], chunk_key_encoding=fmt.CHUNK_KEY_ENCODING,
+                           dimension_names=fmt.DIMENSIONS)
+        (root / fmt.PROGRESS_DIR).mkdir(exist_ok=True)
+        return cls(root)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> CacheWriter:
+        """In a worker process: no I/O until the first write."""
+        return cls(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])
+
+    @property
+    def array(self) -> zarr.Array:
+        # Opened per process: a handle inherited through fork would share zarr's event loop with the parent.
+        if self._array is None or self._pid != os.getpid():
+            if not _is_cache(self.root):
+                raise CacheError(f"no cache at {self.root}: call CacheWriter.create first")
+            array = zarr.open_array(str(self.root), path=fmt.ARRAY, mode="r+")
+            # An all-zero sample must still be stored, else a reader could not tell it from a missing one.
+            self._array = array.with_config({"write_empty_chunks": True})
+            self._pid = os.getpid()
+        return self._array
+
+    @property
+    def build_info(self) -> dict[str, Any]:
+        return dict(zarr.open_group(str(self.root), mode="r").attrs["build"])
+
+    # --- writing -------------------------------------------------------------------------------------------------
+    def write(self, row: int, stack: np.ndarray) -> str:
+        """Store one sample (uint8 (S, 3, H, W)) at `row`; return its checksum for the index."""
+        array = self.array
+        if not isinstance(stack, np.ndarray) or stack.dtype != np.uint8 or stack.shape != array.shape[1:]:
+            got = f"{stack.dtype} {stack.shape}" if isinstance(stack, np.ndarray) else type(stack).__name__
+            raise ValueError(f"cache {self.root}: row {row} needs a uint8 array of shape {array.shape[1:]}, got {got}")
+        if not 0 <= int(row) < array.shape[0]:
+            raise IndexError(f"cache {self.root}: row {row} outside 0..{array.shape[0] - 1}")
+        array[int(row)] = stack
+        return fmt.checksum(stack)
+
+    def save_task(self, key: str, records: list[dict[str, Any]]) -> None:
+        """Record that a task (one series) is done, with its small per-sample records; atomic."""
+        atomic_write_json(self.root / fmt.PROGRESS_DIR / f"{fmt.safe_key(key)}.json", {"key": key, "records": records})
+
+    def completed_tasks(self) -> dict[str, list[dict[str, Any]]]:
+        done: dict[str, list[dict[str, Any]]] = {}
+        for f in sorted((self.root / fmt.PROGRESS_DIR).glob("*.json")):
+            try:
+                entry = json.loads(f.read_text())
+                done[entry["key"]] = entry["records"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CacheError(f"progress file {f} is unreadable ({e}); delete it to redo that task") from e
+        return done
+
+    def written_rows(self) -> set[int]:
+        """Rows whose chunk exists on disk (one directory listing)."""
+        rows = set()
+        for name in os.listdir(self.root / fmt.ARRAY):
+            if name.startswith("c."):
+                rows.add(int(name.split(".")[1]))
+        return rows
+
+    # --- finishing -----------------------------------------------------------------------------------------------
+    def finalise(self, index_df: pd.DataFrame, errors_df: pd.DataFrame | None = None,
+                 extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Check the index, write index and errors, then the manifest LAST; return the manifest.
+
+        Refuses an index that points at rows with no data, so a finalised cache never reads as zeros.
+        """
+        array, build = self.array, self.build_info
+        index = fmt.normalise_index(index_df, n_rows=array.shape[0], slices=array.shape[1])
+        errors = fmt.normalise_errors(errors_df)
+        absent = sorted(set(index["row"].tolist()) - self.written_rows())
+        if absent:
+            raise MissingChunkError(f"cache {self.root}: {len(absent)} index rows were never written, e.g. rows "
+                                    f"{absent[:10]}; write them or list them in the errors table")
+        array_info = {
+            "name": fmt.ARRAY, "shape": list(array.shape), "chunks": list(array.chunks), "dtype": "uint8",
+            "dimension_names": list(fmt.DIMENSIONS), "codec": build["codec"],
+            "codecs": [c.to_dict() for c in array.metadata.codecs],
+            "chunk_key": f"{fmt.ARRAY}/c.{{row}}.0.0.0.0", "raw_bytes_per_sample": int(np.prod(array.shape[1:])),
+        }
+        manifest = fmt.build_manifest(build["config"], array_info, index, errors, extra_manifest)
+        if manifest["config_hash"] != build["config_hash"]:
+            raise CacheConfigMismatch(f"cache at {self.root}: the stored config no longer hashes to "
+                                      f"{build['config_hash']}")
+        tables = ((fmt.INDEX_FILE, index, fmt.INDEX_SCHEMA), (fmt.ERRORS_FILE, errors, fmt.ERRORS_SCHEMA))
+        for name, df, schema in tables:
+            table = fmt.to_table(df, schema)
+            atomic_write(self.root / name, lambda tmp, t=table: pq.write_table(t, tmp))
+        group = zarr.open_group(str(self.root), mode="r+")
+        group.attrs.update({"build": {**build, "finalised": True}, "manifest": manifest})
+        atomic_write_json(self.root / fmt.MANIFEST_FILE, manifest)
+        return manifest
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(lock: Path) -> dict[str, Any]:
+    """Who holds a lock file; {} when it is gone or half-written (a holder writes it right after creating it)."""
+    try:
+        return json.loads(lock.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+@contextmanager
+def build_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold PATH/_build.lock for the duration of a build; a second build on the same output raises CacheLocked.
+
+    A lock left by a dead process on this host is taken over; one from another host must be removed by hand.
+    """
+    root = local_path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / fmt.LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat()}
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                and not _pid_alive(holder["pid"])
+            if stale and attempt == 0:
+                lock.unlink(missing_ok=True)
+                continue
+            raise CacheLocked(f"another build holds {lock} (pid {holder.get('pid')} on {holder.get('host')} since "
+                              f"{holder.get('since')}); wait for it, or delete the file if that build is dead")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield lock
+    finally:
+        if _holder(lock).get("pid") == me["pid"]:  # never remove a lock someone else has taken over since
+            lock.unlink(missing_ok=True)

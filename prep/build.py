@@ -1,0 +1,203 @@
+"""The Dask build: tables -> one task per series -> workers write their own chunks -> finalise.
+
+The driver reads the tables, assigns every sample its row up front (deterministic order, so any scheduler and any
+resume give the same cache), and submits one task per series. A worker opens the cache writer itself, holds one
+series at a time (one thread per worker), decodes only the slices its samples need, writes their chunks, marks the
+task done and returns small records; pixels never travel back. A killed build resumes from the finished tasks.
+
+Paths must be visible to every worker at the same place (a local disk for local processes, a shared filesystem
+for a cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import cache
+from cache.format import INDEX_COLUMNS
+from prep.config import PrepConfig
+from prep.samples import errors_frame, read_samples
+from prep.series import Record, process_series
+
+LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")  # dask's own schedulers; anything else is an address
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    candidates: int  # samples that passed the table checks (each has a row in the array)
+    built: int  # samples in the index
+    errors: pd.DataFrame
+    tasks: int
+    resumed: int  # tasks found finished by an earlier, interrupted run
+    seconds: float
+    finalised: bool
+
+    def exit_code(self, strict: bool = False) -> int:
+        """Non-zero only when nothing was built, or with strict when anything failed."""
+        return 1 if self.built == 0 or (strict and len(self.errors) > 0) else 0
+
+    def summary(self) -> str:
+        rate = (self.built / self.seconds) if self.seconds > 0 else float("nan")
+        lines = [f"prep: {self.built} of {self.candidates} samples built into {self.out} "
+                 f"({self.tasks} series tasks, {self.resumed} resumed) in {self.seconds:.1f} s ({rate:.1f} samples/s)"]
+        if len(self.errors):
+            lines.append(f"{len(self.errors)} errors (errors.parquet):")
+            by = self.errors.assign(why=self.errors["reason"].str.replace(r"\(.*", "", regex=True).str.strip())
+            for (stage, why), n in by.groupby(["stage", "why"]).size().sort_values(ascending=False).head(12).items():
+                lines.append(f"  {n:6d}  {stage:9s} {why}")
+        if not self.finalised:
+            lines.append("build stopped before finalising: rerun the same command to resume")
+        return "\n".join(lines)
+
+
+def plan_tasks(samples: pd.DataFrame, data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """One task per (study, series): its folder and its samples as plain dicts (a few hundred bytes each).
+
+    The key carries a digest of the samples, so a resumed build never reuses a task whose inputs changed.
+    """
+    tasks = []
+    for (study, series), group in samples.groupby(["study_id", "series_id"], sort=True):
+        rows = group.astype(object).where(group.notna(), None).to_dict("records")
+        digest = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        tasks.append({"key": f"{study}/{series}/{digest}", "samples": rows,
+                      "series_dir": str(data_dir / f"{split}_images" / str(study) / str(series))})
+    return tasks
+
+
+def run_task(task: dict[str, Any], out: str, config: dict[str, Any]) -> list[Record]:
+    """Executed on a worker: build one series, write its chunks, mark it done, return small records."""
+    writer = cache.CacheWriter.open(out)
+    records = process_series(task["series_dir"], task["samples"], PrepConfig.from_dict(config), writer.write)
+    writer.save_task(task["key"], records)
+    return records
+
+
+def _failed_task(task: dict[str, Any], e: BaseException) -> list[Record]:
+    """A task that crashed (a bug, a killed worker): every sample gets an error; not saved, so a rerun retries."""
+    return [dict(ok=False, study_id=s["study_id"], series_id=s["series_id"], instance_number=s["instance_number"],
+                 condition=s["condition"], level=s["level"], path=task["series_dir"], stage="worker",
+                 reason=f"task failed: {type(e).__name__}: {e}") for s in task["samples"]]
+
+
+def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, address: str | None,
+                     progress: bool) -> Iterator[tuple[dict, list[Record]]]:
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    if address:
+        client, cluster = Client(address), None
+    else:  # one thread per worker process: a worker holds exactly one series at a time
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = client.map(run_task, tasks, out=out, config=config, pure=False,
+                             key=[f"lsdc-prep-{t['key']}-{i}" for i, t in enumerate(tasks)])
+        task_of = {f.key: t for f, t in zip(futures, tasks)}
+        for future in tqdm(as_completed(futures), total=len(futures), disable=not progress, desc="prep", unit="series"):
+            task = task_of[future.key]
+            try:
+                records = future.result()
+            except Exception as e:  # KilledWorker, a worker's exception: reported per sample, never lost
+                records = _failed_task(task, e)
+            future.release()
+            yield task, records
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_local(tasks: list[dict], out: str, config: dict, workers: int, scheduler: str,
+               progress: bool) -> Iterator[tuple[dict, list[Record]]]:
+    import dask
+    from dask.diagnostics import ProgressBar
+
+    def safe(task: dict) -> list[Record]:
+        try:
+            return run_task(task, out, config)
+        except Exception as e:  # a crashed task: reported per sample, retried by the next run
+            return _failed_task(task, e)
+
+    graph = [dask.delayed(safe, pure=False)(t) for t in tasks]
+    bar = ProgressBar() if progress else None
+    if bar:
+        bar.register()
+    try:
+        results = dask.compute(*graph, scheduler=scheduler, num_workers=workers)
+    finally:
+        if bar:
+            bar.unregister()
+    yield from zip(tasks, results)
+
+
+def _frames(records: list[Record], table_errors: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ok = [{k: v for k, v in r.items() if k != "ok"} for r in records if r["ok"]]
+    index = pd.DataFrame(ok, columns=list(INDEX_COLUMNS))
+    if len(index):
+        index = index.sort_values("row", kind="stable").reset_index(drop=True)
+        index["label"] = index["label"].astype("Int8")
+    errors = pd.concat([table_errors, errors_frame([{k: v for k, v in r.items() if k != "ok"}
+                                                    for r in records if not r["ok"]])], ignore_index=True)
+    key = ["study_id", "series_id", "instance_number", "condition", "level", "stage", "path", "reason"]
+    errors = errors.sort_values(key, na_position="first", kind="stable").reset_index(drop=True)
+    return index, errors
+
+
+def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfig | None = None, *, workers: int = 2,
+          scheduler: str | None = None, clean: bool = False, progress: bool | None = None,
+          stop_after: int | None = None) -> BuildResult:
+    """Build (or resume) the crop cache of ``data_dir``'s ``config.split`` into ``out``.
+
+    scheduler: None = a local dask.distributed cluster of ``workers`` processes, one thread each; 'processes',
+    'threads' or 'synchronous' = dask's local schedulers; anything else = the address of a running
+    dask.distributed scheduler ('tcp://host:8786'). ``stop_after`` runs only that many pending tasks and returns
+    without finalising (an interrupted build, for tests and dry runs). Raises TableError for a broken table,
+    cache.CacheConfigMismatch when ``out`` holds a cache of another config (unless clean), and CacheLocked when
+    another build is writing ``out``.
+    """
+    start = time.perf_counter()
+    config = config or PrepConfig()
+    data_dir, out = Path(data_dir), Path(out)
+    if progress is None:
+        progress = os.environ.get("LSDC_NO_PROGRESS", "") not in ("1", "true", "yes")
+    samples, table_errors = read_samples(data_dir, config)
+    tasks = plan_tasks(samples, data_dir, config.split)
+    cfg = config.to_dict()
+    with cache.build_lock(out):
+        writer = cache.CacheWriter.create(out, n_rows=max(len(samples), 1), slices=config.slices, size=config.size,
+                                          config=cfg, clean=clean)
+        keys = {t["key"] for t in tasks}
+        done = {k: v for k, v in writer.completed_tasks().items() if k in keys}
+        pending = [t for t in tasks if t["key"] not in done]
+        if stop_after is not None:
+            pending = pending[:stop_after]
+        run = _run_local if scheduler in LOCAL_SCHEDULERS else _run_distributed
+        records = [r for recs in done.values() for r in recs]
+        if pending:
+            for _, recs in run(pending, str(out), cfg, workers, scheduler, progress):
+                records += recs
+        index, errors = _frames(records, table_errors)
+        finalised = stop_after is None
+        if finalised:
+            writer.finalise(index, errors, extra_manifest={"prep": _prep_info(data_dir, samples, index, tasks)})
+    return BuildResult(out, len(samples), len(index), errors, len(tasks), len(done), time.perf_counter() - start,
+                       finalised)
+
+
+def _prep_info(data_dir: Path, samples: pd.DataFrame, index: pd.DataFrame, tasks: list) -> dict[str, Any]:
+    """What a user auditing the cache wants beside the config: where it came from and how often we fell back."""
+    info: dict[str, Any] = {"data_dir": str(data_dir.resolve()), "candidates": len(samples), "tasks": len(tasks)}
+    if len(index):
+        info["ordering_by_instance_number"] = int((index["ordering"] == "instance_number").sum())
+        info["samples_with_replicated_slices"] = int(index["replicated"].map(any).sum())
+    return info

@@ -1,0 +1,133 @@
+"""PrepConfig: every setting that decides the pixels in the cache, and nothing else.
+
+Its dict is handed to ``cache.CacheWriter.create(config=...)``: the cache is named and checked by these values, so a
+change of window, crop or slice count can never be mistaken for an old cache. Run-time knobs that do not change
+the pixels (workers, scheduler, progress) are deliberately not here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from cache.rsna import CONDITIONS
+
+
+@dataclass(frozen=True)
+class Window:
+    """An MRI intensity window given by two percentiles of the stack's own intensities.
+
+    MRI has no Hounsfield scale, so a fixed centre/width (the v8 notebook's CT 50/350) means something different on
+    every scanner; percentiles of the stack mean the same thing everywhere. lo/hi are percentiles in [0, 100].
+    """
+
+    name: str
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.lo < self.hi <= 100.0):
+            raise ValueError(f"window {self.name!r}: need 0 <= lo < hi <= 100 percentiles, got {self.lo}, {self.hi}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Window":
+        """'soft:40:99.5' -> Window('soft', 40.0, 99.5)."""
+        try:
+            name, lo, hi = text.split(":")
+            return cls(name.strip(), float(lo), float(hi))
+        except ValueError as e:
+            raise ValueError(f"bad window {text!r}: expected NAME:LO_PERCENTILE:HI_PERCENTILE ({e})") from None
+
+
+# Three views of one stack (see docs/prep.md for the figure):
+#   soft  - the upper half of the intensity distribution: background air and dark cortical bone go black and the
+#           contrast is spent on discs, canal/CSF, nerve roots and fat, which is where stenosis is seen;
+#   wide  - a robust min-max: everything but the extreme 0.5 % tails, so bright fat/flow artefacts don't squash it;
+#   full  - the complete range of the stack, the closest thing MRI has to "the original image".
+DEFAULT_WINDOWS: tuple[Window, ...] = (Window("soft", 50.0, 99.5), Window("wide", 0.5, 99.5), Window("full", 0.0, 100.0))
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """Settings of one cache build; defaults reproduce the v8 notebook's sample with its bugs fixed."""
+
+    split: str = "train"  # 'train' (labels + coordinates from the competition tables) or 'test' (coords CSV given)
+    conditions: tuple[str, ...] = CONDITIONS  # which conditions' coordinate rows become samples
+    studies: int | None = None  # first N study ids (ascending) of the split; None = all
+    coords: str | None = None  # test split: the user's coordinates CSV (train_label_coordinates.csv columns)
+    slices: int = 7  # S slices centred on the labelled one, in spatial order
+    size: int = 256  # output crop side in pixels
+    # The crop's half-side in mm is crop_scale * crop_base_mm. The seed cropped a half-size of 0.75 * 256 = 192 px;
+    # on a typical RSNA sagittal scan (512 px at ~0.66 mm) that is ~127 mm, so crop_base_mm = 170 reproduces it
+    # (0.75 * 170 = 127.5 mm = 192 px at 0.664 mm/px) while staying the same size in mm on every scan.
+    # Top solutions use ~50 mm boxes: crop_scale=1, crop_base_mm=25.
+    crop_scale: float = 0.75
+    crop_base_mm: float = 170.0
+    windows: tuple[Window, ...] = DEFAULT_WINDOWS
+    clahe_clip: float = 2.0  # per window channel; 0 disables CLAHE
+    clahe_tiles: int = 8  # tiles per side (8 x 8)
+    percentile_stride: int = 2  # window percentiles use every k-th pixel per axis of the stack (exact enough, k^2 faster)
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {self.split!r}")
+        unknown = [c for c in self.conditions if c not in CONDITIONS]
+        if unknown or not self.conditions:
+            raise ValueError(f"unknown conditions {unknown}; expected some of {CONDITIONS}")
+        if self.slices < 1 or self.slices % 2 == 0:
+            raise ValueError(f"slices must be odd and >= 1 (centred on the labelled slice), got {self.slices}")
+        if self.size < 8:
+            raise ValueError(f"size must be >= 8 px, got {self.size}")
+        if self.crop_scale <= 0 or self.crop_base_mm <= 0:
+            raise ValueError("crop_scale and crop_base_mm must be > 0")
+        if len(self.windows) != 3 or len({w.name for w in self.windows}) != 3:
+            raise ValueError(f"need exactly 3 windows with distinct names, got {self.windows}")
+        if self.clahe_clip < 0 or self.clahe_tiles < 1 or self.percentile_stride < 1:
+            raise ValueError("clahe_clip >= 0, clahe_tiles >= 1 and percentile_stride >= 1 required")
+        if self.studies is not None and self.studies < 1:
+            raise ValueError(f"studies must be >= 1 or None, got {self.studies}")
+
+    @property
+    def half_size_mm(self) -> float:
+        return self.crop_scale * self.crop_base_mm
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (windows as dicts, tuples as lists): the cache's identity."""
+        d = asdict(self)
+        d["conditions"] = list(self.conditions)
+        d["windows"] = [asdict(w) for w in self.windows]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PrepConfig":
+        known = {f.name for f in fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown PrepConfig keys {sorted(extra)}")
+        d = dict(d)
+        if "conditions" in d:
+            d["conditions"] = tuple(d["conditions"])
+        if "windows" in d:
+            d["windows"] = tuple(w if isinstance(w, Window) else Window(**w) for w in d["windows"])
+        return cls(**d)
+
+
+def parse_conditions(text: str) -> tuple[str, ...]:
+    """'spinal_canal_stenosis,Left Neural Foraminal Narrowing' or a group ('spinal', 'foraminal', 'subarticular')."""
+    from cache.rsna import CONDITION_GROUP, slug
+
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        matches = [c for c in CONDITIONS if part in (c, slug(c), CONDITION_GROUP[c])]
+        if not matches:
+            raise ValueError(f"unknown condition {part!r}; use a name, its slug or a group of {CONDITIONS}")
+        out += [c for c in matches if c not in out]
+    return tuple(c for c in CONDITIONS if c in out)  # competition order, whatever order the user typed
+
+
+def parse_windows(text: str) -> tuple[Window, ...]:
+    """'soft:50:99.5,wide:0.5:99.5,full:0:100' -> three Windows."""
+    return tuple(Window.parse(p) for p in text.split(",") if p.strip())
+
+
+__all__ = ["DEFAULT_WINDOWS", "PrepConfig", "Window", "parse_conditions", "parse_windows"]

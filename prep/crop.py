@@ -1,0 +1,70 @@
+"""Square crops sized in millimetres: one box on the labelled slice's pixel grid for the whole stack, padded with a
+constant where it leaves the image (never clipped and stretched), resized with area interpolation.
+
+The v8 notebook's box was 192 px whatever the pixel spacing, and was clipped at the border then stretched to a
+square: the same anatomy came out at different scales and aspect ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Integer box on the labelled grid: columns x0 .. x0+w-1, rows y0 .. y0+h-1."""
+
+    x0: int
+    y0: int
+    w: int
+    h: int
+    half_size_mm: float
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Pixel-centre coordinates of the box centre (within half a pixel of the requested point)."""
+        return self.x0 + (self.w - 1) / 2, self.y0 + (self.h - 1) / 2
+
+    @property
+    def half_size_px(self) -> float:
+        """Half-side in columns (x); rows differ only when PixelSpacing is anisotropic."""
+        return self.w / 2
+
+
+def crop_box(x: float, y: float, spacing: tuple[float, float], half_size_mm: float) -> CropBox:
+    """The box of side 2 * half_size_mm centred at pixel (x, y); spacing = PixelSpacing (row = y, column = x) mm."""
+    dy, dx = spacing
+    w, h = max(1, round(2 * half_size_mm / dx)), max(1, round(2 * half_size_mm / dy))
+    # Round half up (not Python's half-to-even) so a box moves monotonically with the point.
+    return CropBox(math.floor(x - (w - 1) / 2 + 0.5), math.floor(y - (h - 1) / 2 + 0.5), w, h, half_size_mm)
+
+
+def crop_slice(img: np.ndarray, box: CropBox, size: int, pad: float, affine: np.ndarray | None = None) -> np.ndarray:
+    """Cut ``box`` out of ``img`` and resize it to size x size (float32, cv2.INTER_AREA).
+
+    ``affine`` (from geometry.pixel_to_pixel) maps labelled-grid pixels to ``img``'s pixels when ``img`` is a
+    neighbour on another grid: the box is then resampled (bilinear) from the neighbour onto the labelled grid.
+    Outside the image the box holds ``pad``.
+    """
+    if affine is not None:
+        m = affine.astype(np.float64).copy()
+        m[:, 2] += m[:, :2] @ np.array([box.x0, box.y0], dtype=np.float64)  # box pixel (0, 0) is grid (x0, y0)
+        region = cv2.warpAffine(img, m, (box.w, box.h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=float(pad))
+    else:
+        rows, cols = img.shape
+        x1, y1 = box.x0 + box.w, box.y0 + box.h
+        if box.x0 >= 0 and box.y0 >= 0 and x1 <= cols and y1 <= rows:
+            region = img[box.y0:y1, box.x0:x1]  # a view: no copy when the box is inside the image
+        else:
+            region = np.full((box.h, box.w), pad, dtype=np.float32)
+            sx0, sy0, sx1, sy1 = max(box.x0, 0), max(box.y0, 0), min(x1, cols), min(y1, rows)
+            if sx1 > sx0 and sy1 > sy0:
+                region[sy0 - box.y0:sy1 - box.y0, sx0 - box.x0:sx1 - box.x0] = img[sy0:sy1, sx0:sx1]
+    if region.shape == (size, size):
+        return np.ascontiguousarray(region, dtype=np.float32)
+    return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)

@@ -1,0 +1,120 @@
+"""DICOM files -> slice headers (cheap, no pixels) and float32 intensities (rescaled, MONOCHROME1 inverted).
+
+Every failure is a DicomError naming the file and the reason: the v8 notebook turned any exception into a silent
+black image, which trained the model on nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+# Only the tags the geometry needs: parsing stops before PixelData, so indexing a series reads a few KB per file.
+HEADER_TAGS = ("InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+
+
+class DicomError(Exception):
+    """A file that cannot become a slice. ``reason`` is what goes into the errors table."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What the geometry needs from one file; position/orientation/spacing are None when the tag is missing."""
+
+    path: str
+    instance_number: int
+    rows: int
+    cols: int
+    position: tuple[float, float, float] | None  # ImagePositionPatient: centre of the first pixel, mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row direction (x), then column direction (y)
+    spacing: tuple[float, float] | None  # PixelSpacing: (between rows = y, between columns = x), mm
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+
+def _floats(ds: pydicom.Dataset, tag: str, n: int) -> tuple[float, ...] | None:
+    value = ds.get(tag)
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(np.isfinite(out)) else None
+
+
+def read_header(path: str | Path, instance_number: int | None = None) -> SliceHeader:
+    """Parse one file's header only. ``instance_number`` (from the file name) is used when the tag is missing."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    except FileNotFoundError:
+        raise DicomError(path, "missing file") from None
+    except InvalidDicomError as e:
+        raise DicomError(path, f"not a DICOM file ({e})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # truncated or garbled header
+        raise DicomError(path, f"unreadable header ({type(e).__name__}: {e})") from None
+    number = ds.get("InstanceNumber", instance_number)
+    if number is None or ds.get("Rows") is None or ds.get("Columns") is None:
+        raise DicomError(path, "header lacks InstanceNumber/Rows/Columns")
+    spacing = _floats(ds, "PixelSpacing", 2)
+    return SliceHeader(
+        path=str(path),
+        instance_number=int(number),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        position=_floats(ds, "ImagePositionPatient", 3),  # type: ignore[arg-type]
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        spacing=spacing if spacing and min(spacing) > 0 else None,  # type: ignore[arg-type]
+    )
+
+
+def read_pixels(path: str | Path) -> np.ndarray:
+    """Decode one slice to float32 in the scanner's output units (slope * stored + intercept).
+
+    Compressed transfer syntaxes (JPEG lossless, JPEG-LS, JPEG 2000, RLE) decode through pydicom's pylibjpeg
+    plugins. MONOCHROME1 (bright = low value) is negated rather than flipped around a per-slice max: windows are
+    percentiles of the stack, which are shift-invariant, so -v gives exactly the MONOCHROME2 picture without a
+    per-slice constant that would make neighbouring slices disagree.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise DicomError(path, "missing file") from None
+    except InvalidDicomError as e:
+        raise DicomError(path, f"not a DICOM file ({e})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise DicomError(path, f"unreadable file ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds:
+        raise DicomError(path, "no pixel data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DicomError(path, f"not a grayscale image (SamplesPerPixel={ds.SamplesPerPixel})")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise DicomError(path, f"multi-frame image ({ds.NumberOfFrames} frames) is not a single slice")
+    try:
+        stored = ds.pixel_array
+    except Exception as e:  # decoders raise anything from RuntimeError to their own types: name it, never hide it
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
+        name = getattr(syntax, "name", syntax)
+        raise DicomError(path, f"undecodable pixel data ({name}; {type(e).__name__}: {e})") from None
+    if stored.ndim != 2:
+        raise DicomError(path, f"pixel array has shape {stored.shape}, expected a 2-D slice")
+    img = stored.astype(np.float32)  # the one copy: native-endian float32 from any stored dtype
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        img *= np.float32(slope)
+    if intercept != 0.0:
+        img += np.float32(intercept)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        np.negative(img, out=img)
+    return img

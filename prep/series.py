@@ -1,0 +1,171 @@
+"""One series -> its samples' uint8 stacks: the work of one Dask task, with no Dask in it.
+
+Headers are indexed once (no pixels), each needed file is decoded at most once per task, and stacks shared by
+several samples (the canal's five levels usually sit on one mid-sagittal slice) share their window bounds.
+Every failure becomes an error record naming the file or sample and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prep.config import PrepConfig
+from prep.crop import CropBox, crop_box, crop_slice
+from prep.dicom import DicomError, SliceHeader, read_header, read_pixels
+from prep.geometry import Stack, pixel_to_pixel, stack_around
+from prep.samples import error
+from prep.windows import apply_windows, clahe_channels, stack_bounds
+
+Record = dict[str, Any]  # {"ok": True, **index columns} or {"ok": False, **errors columns}
+
+
+class SampleError(Exception):
+    """A sample that cannot be built; stage and reason go into the errors table."""
+
+    def __init__(self, stage: str, reason: str, path: str = ""):
+        super().__init__(reason)
+        self.stage, self.reason, self.path = stage, reason, path
+
+
+def index_series(series_dir: Path) -> tuple[list[SliceHeader], dict[int, DicomError]]:
+    """Headers of every *.dcm in the folder, and the files whose header failed, by their file-name instance."""
+    headers: list[SliceHeader] = []
+    failed: dict[int, DicomError] = {}
+    for name in sorted(os.listdir(series_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() != ".dcm":
+            continue
+        number = int(stem) if stem.isdigit() else None
+        try:
+            headers.append(read_header(series_dir / name, number))
+        except DicomError as e:
+            failed[number if number is not None else -1 - len(failed)] = e
+    return headers, failed
+
+
+class SeriesReader:
+    """Decoded slices of one series, each file read at most once; files that fail are remembered and dropped."""
+
+    def __init__(self, headers: list[SliceHeader]):
+        self.headers = headers
+        self.pixels: dict[str, np.ndarray] = {}
+        self.failed: dict[str, DicomError] = {}
+
+    def stack(self, instance_number: int, slices: int) -> tuple[Stack, dict[str, np.ndarray]]:
+        """The stack around an instance with every slice decoded. A neighbour that fails to decode is dropped from
+        the series (reported once) and the stack is taken again, so a bad file never becomes a black slice."""
+        while True:
+            stack = stack_around(self.headers, instance_number, slices)
+            bad = [h for h in dict.fromkeys(stack.slices) if not self._decode(h)]
+            if not bad:
+                return stack, {h.path: self.pixels[h.path] for h in stack.slices}
+            if any(h.instance_number == instance_number for h in bad):
+                e = self.failed[bad[0].path]
+                raise SampleError("decode", f"labelled instance: {e.reason}", e.path)
+            self.headers = [h for h in self.headers if h not in bad]
+
+    def _decode(self, h: SliceHeader) -> bool:
+        if h.path in self.pixels:
+            return True
+        if h.path in self.failed:
+            return False
+        try:
+            img = read_pixels(h.path)
+            if img.shape != h.shape:
+                raise DicomError(h.path, f"pixel array {img.shape} disagrees with Rows/Columns {h.shape}")
+            self.pixels[h.path] = img
+            return True
+        except DicomError as e:
+            self.failed[h.path] = e
+            return False
+
+
+def build_stack(stack: Stack, images: dict[str, np.ndarray], x: float, y: float, config: PrepConfig,
+                bounds_cache: dict[tuple[str, ...], tuple[np.ndarray, float]]) -> tuple[np.ndarray, CropBox]:
+    """Crop every slice with one mm-sized box on the labelled grid, window with the stack's bounds, CLAHE."""
+    centre = stack.centre
+    if centre.spacing is None:
+        raise SampleError("crop", "labelled slice has no PixelSpacing: the crop cannot be sized in mm", centre.path)
+    if not (0 <= x < centre.cols and 0 <= y < centre.rows):
+        raise SampleError("crop", f"coordinate ({x:g}, {y:g}) outside the {centre.cols}x{centre.rows} image",
+                          centre.path)
+    unique = tuple(dict.fromkeys(h.path for h in stack.slices))
+    if unique not in bounds_cache:
+        try:
+            bounds_cache[unique] = stack_bounds([images[p] for p in unique], config.windows, config.percentile_stride)
+        except ValueError as e:  # a constant stack (e.g. all-black slices) has nothing to window
+            raise SampleError("window", str(e), centre.path) from None
+    bounds, pad = bounds_cache[unique]
+    box = crop_box(x, y, centre.spacing, config.half_size_mm)
+    crops: dict[str, np.ndarray] = {}  # an edge slice replicated 3 times is cropped once
+    for h in stack.slices:
+        if h.path not in crops:
+            try:
+                affine = pixel_to_pixel(h, centre)
+            except ValueError as e:
+                raise SampleError("geometry", str(e), h.path) from None
+            crops[h.path] = crop_slice(images[h.path], box, config.size, pad, affine)
+    planes = np.stack([crops[h.path] for h in stack.slices])
+    return clahe_channels(apply_windows(planes, bounds), config.clahe_clip, config.clahe_tiles), box
+
+
+def index_record(sample: dict, stack: Stack, box: CropBox, checksum: str) -> Record:
+    spacing = stack.centre.spacing
+    return dict(
+        ok=True, **{k: sample[k] for k in ("row", "study_id", "series_id", "series_description", "condition", "level",
+                                           "instance_number", "x", "y", "label")},
+        center_x_px=box.centre[0], center_y_px=box.centre[1], half_size_px=box.half_size_px,
+        half_size_mm=box.half_size_mm, pixel_spacing_row=spacing[0], pixel_spacing_col=spacing[1],
+        slice_instances=[h.instance_number for h in stack.slices], slice_offsets_mm=list(stack.offsets_mm),
+        replicated=list(stack.replicated), ordering=stack.ordering, checksum=checksum,
+    )
+
+
+def _sample_error(sample: dict, path: str, stage: str, reason: str) -> Record:
+    return dict(ok=False, **error(path, None, reason, stage=stage, study_id=sample["study_id"],
+                                  series_id=sample["series_id"], instance_number=sample["instance_number"],
+                                  condition=sample["condition"], level=sample["level"]))
+
+
+def process_series(series_dir: str | Path, samples: list[dict], config: PrepConfig,
+                   write: Callable[[int, np.ndarray], str]) -> list[Record]:
+    """Build and write every sample of one series -> one record per sample plus one per failed file."""
+    series_dir = Path(series_dir)
+    if not series_dir.is_dir():
+        return [_sample_error(s, str(series_dir), "read", "missing series folder") for s in samples]
+    headers, header_failed = index_series(series_dir)
+    reader = SeriesReader(headers)
+    bounds_cache: dict[tuple[str, ...], tuple[np.ndarray, float]] = {}
+    records: list[Record] = []
+    for s in sorted(samples, key=lambda s: s["row"]):
+        try:
+            if s["instance_number"] in header_failed:
+                e = header_failed[s["instance_number"]]
+                raise SampleError("read", f"labelled instance: {e.reason}", e.path)
+            try:
+                stack, images = reader.stack(s["instance_number"], config.slices)
+            except KeyError:
+                raise SampleError("geometry", f"instance {s['instance_number']} not in series "
+                                              f"({len(reader.headers)} readable slices)",
+                                  str(series_dir / f"{s['instance_number']}.dcm")) from None
+            planes, box = build_stack(stack, images, s["x"], s["y"], config, bounds_cache)
+            records.append(index_record(s, stack, box, write(s["row"], planes)))
+        except SampleError as e:
+            records.append(_sample_error(s, e.path or str(series_dir), e.stage, e.reason))
+    # Files that failed without failing a sample (a dropped neighbour, an unused file): still reported, once each.
+    study, series = samples[0]["study_id"], samples[0]["series_id"]
+    reported = {r["path"] for r in records if not r["ok"]}
+    file_errors = [("read", number, e) for number, e in header_failed.items()] + \
+                  [("decode", None, e) for e in reader.failed.values()]
+    for stage, number, e in file_errors:
+        if e.path in reported:
+            continue
+        records.append(dict(ok=False, **error(e.path, None, e.reason, stage=stage, study_id=study, series_id=series,
+                                              instance_number=number if number is not None and number >= 0 else
+                                              Path(e.path).stem)))
+    return records

@@ -1,0 +1,156 @@
+"""prep.build end to end on a tiny dataset: schedulers agree, resume and kill -9 give the same cache, failures are
+named rows, exit codes, the CLI, and no torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cache
+from prep.build import build
+from prep.config import PrepConfig
+from prep_fixtures import write_dataset
+
+CFG = PrepConfig(size=32, crop_scale=1.0, crop_base_mm=20.0)
+TESTS = Path(__file__).resolve().parent
+
+
+def _content(path: Path) -> tuple[list, list]:
+    """What makes two caches equal: every index row (incl. checksums) and the pixels of every row."""
+    c = cache.open(path)
+    rows = c.index.drop(columns=[]).astype(str).values.tolist()
+    return rows, [c[i].tobytes() for i in range(len(c))]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), studies=3)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    result = build(data, out, CFG, scheduler="synchronous")
+    assert result.built == 15 and result.errors.empty and result.exit_code() == 0
+    return out
+
+
+def test_reference_cache_contents(reference):
+    c = cache.open(reference)
+    assert len(c) == 15 and c[0].shape == (7, 3, 32, 32)
+    assert c.manifest["config"] == CFG.to_dict()
+    assert (c.index.half_size_mm == 20.0).all() and (c.index.ordering == "position").all()
+    assert all(len(v) == 7 for v in c.index.slice_instances)
+
+
+def test_processes_scheduler_and_local_cluster_give_identical_caches(data, reference, tmp_path):
+    build(data, tmp_path / "p", CFG, scheduler="processes", workers=2)
+    build(data, tmp_path / "lc", CFG, workers=2)  # dask.distributed LocalCluster, 2 processes x 1 thread
+    ref = _content(reference)
+    assert _content(tmp_path / "p") == ref and _content(tmp_path / "lc") == ref
+
+
+def test_interrupted_build_resumes_to_the_same_cache(data, reference, tmp_path):
+    out = tmp_path / "c"
+    part = build(data, out, CFG, scheduler="synchronous", stop_after=1)
+    assert not part.finalised and part.built == 5
+    with pytest.raises(cache.CacheNotFinalised):
+        cache.open(out)
+    with pytest.raises(cache.CacheConfigMismatch):
+        build(data, out, replace(CFG, slices=5), scheduler="synchronous")
+    rest = build(data, out, CFG, scheduler="synchronous")
+    assert rest.resumed == 1 and rest.finalised
+    assert _content(out) == _content(reference)
+    rebuilt = build(data, out, replace(CFG, slices=5), scheduler="synchronous", clean=True)
+    assert rebuilt.built == 15 and cache.open(out)[0].shape == (5, 3, 32, 32)
+
+
+def test_kill_9_mid_build_then_resume_gives_the_same_cache(tmp_path):
+    data = write_dataset(tmp_path / "data", studies=6, slices=15, size=192)
+    cfg = replace(CFG, size=64)
+    code = (f"from prep.build import build; from prep.config import PrepConfig; "
+            f"build({str(data)!r}, {str(tmp_path / 'c')!r}, PrepConfig.from_dict({cfg.to_dict()!r}), "
+            f"scheduler='synchronous')")
+    env = {**os.environ, "LSDC_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    progress = tmp_path / "c" / "_progress"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not any(progress.glob("*.json")):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the build and anything it started, mid-way
+    proc.wait()
+    done = len(list(progress.glob("*.json")))
+    assert 1 <= done < 6 and not (tmp_path / "c" / "manifest.json").exists()
+    resumed = build(data, tmp_path / "c", cfg, scheduler="synchronous")  # also takes over the dead build's lock
+    assert resumed.resumed == done and resumed.built == 30
+    build(data, tmp_path / "whole", cfg, scheduler="synchronous")
+    assert _content(tmp_path / "c") == _content(tmp_path / "whole")
+
+
+def test_failures_become_error_rows_and_good_samples_are_unchanged(data, reference, tmp_path):
+    bad = tmp_path / "bad"
+    os.system(f"cp -r {data} {bad}")
+    study0, study1, study2 = sorted(p.name for p in (bad / "train_images").iterdir())
+    s0 = bad / "train_images" / study0 / next(p.name for p in (bad / "train_images" / study0).iterdir())
+    by_pos = sorted(s0.iterdir(), key=lambda p: float(__import__("pydicom").dcmread(p).ImagePositionPatient[0]))
+    by_pos[0].write_bytes(by_pos[0].read_bytes()[:-500])  # truncated edge slice: dropped, reported, not black
+    s1 = bad / "train_images" / study1
+    for p in s1.iterdir():
+        os.system(f"rm -r {p}")  # a missing series folder
+    coords = bad / "train_label_coordinates.csv"
+    lines = coords.read_text().splitlines()
+    fields = lines[-1].split(",")
+    lines[-1] = ",".join(fields[:5] + ["500", fields[6]])  # the last sample: x outside the 64 px image
+    coords.write_text("\n".join(lines) + "\n")
+    result = build(bad, tmp_path / "c", CFG, scheduler="synchronous")
+    reasons = result.errors.groupby("reason").size().to_dict()
+    assert reasons.pop("missing series folder") == 5
+    outside = [r for r in reasons if r.startswith("coordinate (500, ")]
+    assert len(outside) == 1 and reasons.pop(outside[0]) == 1
+    (trunc,) = reasons  # the truncated file, once, as a file error
+    assert "undecodable" in trunc or "unreadable" in trunc
+    assert result.built == 9 and result.exit_code() == 0 and result.exit_code(strict=True) == 1
+    c, ref = cache.open(tmp_path / "c"), cache.open(reference)
+    ref_rows = {r.row: r for r in ref.index.itertuples()}
+    bad_instance = int(by_pos[0].stem)
+    for row, checksum, inst in zip(c.index.row, c.index.checksum, c.index.slice_instances):
+        assert bad_instance not in inst
+        if bad_instance not in ref_rows[row].slice_instances:  # samples that never needed the bad file: identical
+            assert checksum == ref_rows[row].checksum
+        else:  # the neighbour beyond the bad file is replicated instead: never a black slice
+            assert checksum != ref_rows[row].checksum and c.index.set_index("row").replicated[row].any()
+
+
+def test_nothing_built_is_a_failure_and_cli_reports(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from lsdc.cli import app
+
+    runner = CliRunner()
+    args = ["prep", str(data), str(tmp_path / "c"), "--size", "32", "--crop-mm", "20", "--crop-scale", "1",
+            "--scheduler", "synchronous", "--no-progress", "--studies", "1"]
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert "5 of 5 samples built" in ok.output and len(cache.open(tmp_path / "c")) == 5
+    clash = runner.invoke(app, args[:-2] + ["--slices", "5"])
+    assert clash.exit_code == 2 and "--clean" in clash.output
+    none = runner.invoke(app, args + ["--conditions", "foraminal"])
+    assert none.exit_code != 0  # no foraminal coordinates in this dataset (and a config clash first)
+    empty = runner.invoke(app, ["prep", str(data), str(tmp_path / "e"), "--conditions", "foraminal",
+                                "--scheduler", "synchronous", "--no-progress"])
+    assert empty.exit_code == 1 and "0 of 0 samples built" in empty.output
+
+
+def test_prep_imports_no_torch():
+    code = ("import sys, prep, prep.build, prep.series, prep.samples, prep.dicom, prep.geometry, prep.crop, "
+            "prep.windows, prep.config, lsdc.commands.prep; "
+            "bad = [m for m in ('torch', 'timm', 'train') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

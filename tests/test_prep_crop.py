@@ -1,0 +1,119 @@
+"""prep.crop / prep.windows / prep.series: marker at the crop centre, mm-sized boxes, padding, stack windows, CLAHE."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from prep.config import PrepConfig
+from prep.crop import crop_box, crop_slice
+from prep.series import process_series
+from prep.windows import apply_windows, clahe_channels, stack_bounds
+from prep_fixtures import phantom, write_series
+
+SMALL = PrepConfig(size=32, crop_scale=1.0, crop_base_mm=16.0, clahe_clip=0.0)  # 32 mm box -> 32 px
+
+
+def _sample(row=0, instance=1, x=40.0, y=50.0) -> dict:
+    return dict(row=row, study_id=1, series_id=2, series_description="Sagittal T2/STIR",
+                condition="Spinal Canal Stenosis", level="L4/L5", instance_number=instance, x=x, y=y, label=0)
+
+
+def _run(series_dir, samples, config):
+    written: dict[int, np.ndarray] = {}
+
+    def write(row, stack):
+        written[row] = stack.copy()
+        return f"{row:032x}"
+
+    return process_series(series_dir, samples, config, write), written
+
+
+def test_marker_on_labelled_slice_lands_at_crop_centre_of_middle_slice(tmp_path):
+    rng = np.random.default_rng(0)
+    instances = [int(i) for i in rng.permutation(9) + 101]
+    images = [phantom(96, seed=k) for k in range(9)]
+    x, y = 40.0, 57.0
+    images[4][int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2] = 4095  # a 3x3 marker on the labelled slice only
+    write_series(tmp_path, images, instances, spacing=(0.8, 0.8))
+    records, written = _run(tmp_path, [_sample(instance=instances[4], x=x, y=y)], SMALL)
+    assert records[0]["ok"], records
+    stack = written[0]
+    assert stack.shape == (7, 3, 32, 32) and stack.dtype == np.uint8
+    full = stack[:, 2].astype(float)  # the full-range window keeps the marker as the brightest thing
+    cy, cx = np.unravel_index(np.argmax(full[3]), full[3].shape)
+    assert abs(cy - 15.5) <= 1 and abs(cx - 15.5) <= 1
+    assert full[3].max() == 255 and all(full[k].max() < 255 for k in (0, 1, 2, 4, 5, 6))
+    assert records[0]["slice_instances"] == instances[1:8]
+    assert records[0]["half_size_mm"] == 16.0 and records[0]["half_size_px"] == 20.0  # 16 mm / 0.8 mm
+
+
+def _disc_image(spacing_mm: float, fov_mm: float = 64.0) -> np.ndarray:
+    """A 10 mm-radius bright disc at the FOV centre, rendered at the given pixel spacing."""
+    n = round(fov_mm / spacing_mm)
+    c = (np.arange(n) + 0.5) * spacing_mm - fov_mm / 2
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    return np.where(xx**2 + yy**2 < 100.0, 1000.0, 100.0).astype(np.float32)
+
+
+def test_crop_covers_the_same_millimetres_at_every_pixel_spacing():
+    crops = []
+    for sp in (0.5, 1.0, 0.25):
+        img = _disc_image(sp)
+        centre = img.shape[0] / 2 - 0.5
+        box = crop_box(centre, centre, (sp, sp), 16.0)
+        assert box.w * sp == 32.0
+        crops.append(crop_slice(img, box, 64, pad=0.0))
+    for c in crops[1:]:
+        assert np.abs(c - crops[0]).mean() < 15  # same anatomy, same scale (only edge antialiasing differs)
+    radius_px = [np.sqrt((c > 550).sum() / np.pi) for c in crops]  # 10 mm of a 32 mm box at 64 px = 20 px
+    np.testing.assert_allclose(radius_px, 20.0, atol=0.8)
+
+
+def test_border_is_padded_not_stretched():
+    img = np.full((40, 40), 500.0, dtype=np.float32)
+    box = crop_box(2.0, 20.0, (1.0, 1.0), 10.0)  # 20 px box centred near the left edge
+    out = crop_slice(img, box, 20, pad=-1.0)
+    assert box.x0 == -7 and box.w == 20
+    assert (out[:, :7] == -1.0).all() and (out[:, 7:] == 500.0).all()  # 7 padded columns, the rest unscaled
+    below = crop_slice(img, crop_box(20.0, 38.0, (1.0, 1.0), 10.0), 20, pad=-1.0)
+    assert (below[:11] == 500.0).all() and (below[11:] == -1.0).all()
+
+
+def test_windows_are_shared_by_the_stack_not_per_slice():
+    base = phantom(48, seed=2).astype(np.float32)
+    slices = [base * f for f in (1.0, 1.5, 2.0)]
+    bounds, pad = stack_bounds(slices, SMALL.windows, stride=1)
+    assert bounds.shape == (3, 2) and pad == 0.0
+    out = apply_windows(np.stack(slices), bounds)
+    means = out[:, 1].reshape(3, -1).mean(axis=1)
+    assert means[0] < means[1] < means[2]  # per-slice normalisation would make them equal
+
+
+def test_three_channels_still_differ_after_clahe(tmp_path):
+    write_series(tmp_path, [phantom(96, seed=k) for k in range(7)], list(range(1, 8)), spacing=(0.8, 0.8))
+    config = replace(SMALL, size=64, clahe_clip=2.0)
+    records, written = _run(tmp_path, [_sample(instance=4, x=48.0, y=48.0)], config)
+    assert records[0]["ok"]
+    stack = written[0].astype(float)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert np.abs(stack[:, a] - stack[:, b]).mean() > 5, (a, b)
+    unclahed = apply_windows(np.ones((1, 64, 64), np.float32) * np.linspace(0, 1, 64, dtype=np.float32),
+                             np.array([[0, 1], [0, 1], [0, 1]], np.float32))
+    assert not np.array_equal(clahe_channels(unclahed.copy(), 2.0, 8), unclahed)  # CLAHE really ran
+
+
+def test_monochrome1_and_rescale_give_the_same_cache_pixels(tmp_path):
+    images = [phantom(64, seed=k) for k in range(5)]
+    write_series(tmp_path / "m2", images, [1, 2, 3, 4, 5])
+    write_series(tmp_path / "m1", [4095 - im for im in images], [1, 2, 3, 4, 5], monochrome1=True)
+    write_series(tmp_path / "rs", [im // 2 for im in images], [1, 2, 3, 4, 5], slope=2.0, intercept=7.0)
+    config = replace(SMALL, size=32, clahe_clip=2.0)
+    outs = {k: _run(tmp_path / k, [_sample(instance=3, x=30.0, y=30.0)], config)[1][0] for k in ("m2", "m1")}
+    np.testing.assert_array_equal(outs["m1"], outs["m2"])
+    rescaled = _run(tmp_path / "rs", [_sample(instance=3, x=30.0, y=30.0)], config)[1][0]
+    halved = [(im // 2) * 2 + 7 for im in images]  # what the rescaled series means in output units
+    write_series(tmp_path / "ref", halved, [1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(rescaled, _run(tmp_path / "ref", [_sample(instance=3, x=30.0, y=30.0)],
+                                                 config)[1][0])

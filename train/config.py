@@ -1,0 +1,220 @@
+"""TrainConfig: every training setting in one dataclass. The defaults are the v8 notebook's settings.
+
+A run writes its resolved config (plus the cache's config hash) to `config.json`, so a run directory always says
+exactly how it was made. Override from a file (`--config run.toml` / `.json`) or the CLI (`--set key=value`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cache.rsna import CONDITION_SERIES, CONDITION_SIDE, CONDITIONS
+
+AGGREGATORS = ("weighted", "attention", "bigru")
+BEST_RULES = ("v8", "score")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    conditions: tuple[str, ...] = ("Spinal Canal Stenosis",)  # v8 trains one condition at a time
+    slices: int | None = None  # None = the cache's slice count
+    image_size: int | None = None  # None = the cache's crop size; else resized on the GPU
+    in_memory: str | bool = "auto"  # load the selected samples into RAM once ('auto': when they fit)
+    batch_size: int = 12
+    workers: int = 2
+    # --- model ---
+    backbone: str = "tf_efficientnetv2_s"
+    pretrained: bool = True  # ImageNet weights: from `weights` when given, else timm's hub (needs internet)
+    weights: str | None = None  # local .safetensors / .pth file for the backbone
+    aggregator: str = "weighted"  # 'weighted' (v8) | 'attention' (MIL) | 'bigru' (bi-GRU then attention)
+    agg_hidden: int = 256  # attention / GRU width
+    level_emb: int = 256
+    condition_emb: int = 64  # only used when several conditions share one model
+    head_hidden: int = 512
+    head_dropout: float = 0.35
+    head_dropout2: float = 0.175
+    # --- loss ---
+    class_weights: tuple[float, float, float] = (1.0, 2.0, 4.0)
+    focal_gamma: float = 0.0  # 0 = plain weighted CE; 1.5 is v8's troubleshooting option
+    # --- optimisation ---
+    epochs: int = 25
+    lr_backbone: float = 1e-5
+    lr_head: float = 1e-4
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0
+    warmup_epochs: float = 2.0  # linear warm-up, then cosine to 0
+    freeze_epochs: int = 2  # backbone frozen (weights and BN statistics) for the first N epochs
+    swa_start: int | None = 18  # epoch from which weights are averaged (SWA) at a constant swa_lr
+    swa_lr: float = 5e-6
+    ema_decay: float | None = None  # EMA instead of SWA: e.g. 0.999 (per step); set swa_start=None with it
+    amp: str = "auto"  # 'auto': bf16 where supported, else fp16 + GradScaler; off on CPU
+    channels_last: bool = True
+    compile: bool = False
+    # --- validation / selection ---
+    folds: int = 5
+    fold: int | None = 0  # v8 trained fold 0 only; None = every fold
+    best_rule: str = "v8"  # 'v8': best BA with Moderate and Severe recall >= best_min_recall | 'score': lowest score
+    best_min_recall: float = 0.20
+    patience: int | None = 12  # early stop after N epochs without a better selection metric
+    dead_min_count: int = 3  # a class predicted fewer times than this on validation is "dead"
+    dead_stop_after: int | None = None  # stop after K consecutive dead-class epochs; None = never
+    tta: bool = False  # out-of-fold predictions: plain + mild brightness/contrast, averaged
+    # --- augmentation (GPU, the same transform for every slice of a sample) ---
+    aug_p_affine: float = 0.5
+    aug_shift: float = 0.1  # fraction of the crop size
+    aug_scale: float = 0.12
+    aug_rotate: float = 12.0  # degrees
+    aug_center_jitter: float = 16 / 256  # fraction of the crop size: v8's +-16 px at 256 px, always applied
+    aug_p_color: float = 0.5  # brightness/contrast or gamma (one of the two)
+    aug_brightness: float = 0.2
+    aug_contrast: float = 0.2
+    aug_gamma: float = 0.2  # gamma drawn in [1 - g, 1 + g]
+    aug_p_noise: float = 0.3
+    aug_noise_std: float = 0.03  # on the [0, 1] scale
+    hflip: bool = False  # mirror left/right; sided conditions swap to their mirror condition (must be trained too)
+    # --- run ---
+    seed: int = 42
+    deterministic: bool = False
+    device: str = "auto"  # 'auto' | 'cuda' | 'cuda:1' | 'cpu'
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
+
+    def __post_init__(self) -> None:
+        self.conditions = tuple(self.conditions)
+        self.class_weights = tuple(float(w) for w in self.class_weights)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        for c in self.conditions:
+            if c not in CONDITIONS:
+                raise ValueError(f"unknown condition {c!r}; expected some of {CONDITIONS}")
+        if not self.conditions or len(set(self.conditions)) != len(self.conditions):
+            raise ValueError(f"conditions must be a non-empty list without repeats, got {self.conditions}")
+        if len({CONDITION_SERIES[c] for c in self.conditions}) > 1 and self.hflip:
+            raise ValueError("hflip with conditions read on different series planes is not supported")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator {self.aggregator!r} not in {AGGREGATORS}")
+        if self.best_rule not in BEST_RULES:
+            raise ValueError(f"best_rule {self.best_rule!r} not in {BEST_RULES}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp {self.amp!r} not in {AMP_MODES}")
+        if self.in_memory not in ("auto", True, False):
+            raise ValueError(f"in_memory must be 'auto', true or false, got {self.in_memory!r}")
+        if len(self.class_weights) != 3:
+            raise ValueError(f"class_weights needs 3 numbers, got {self.class_weights}")
+        if self.ema_decay is not None and self.swa_start is not None:
+            raise ValueError("choose EMA (ema_decay) or SWA (swa_start), not both: set the other to None")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.fold is not None and not 0 <= self.fold < self.folds:
+            raise ValueError(f"fold {self.fold} is outside 0..{self.folds - 1}")
+        if self.hflip:
+            for c in self.conditions:
+                if CONDITION_SIDE[c] is not None and mirror_condition(c) not in self.conditions:
+                    raise ValueError(f"hflip swaps the side of {c!r}, so {mirror_condition(c)!r} must be trained too")
+
+    # --- (de)serialisation ---
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (lists, not tuples): it goes into config.json and into checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{k: _coerce(k, v) for k, v in d.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """A .json file, or a .toml file (top level or a [train] table)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            d = tomllib.loads(text)
+            d = d.get("train", d)
+        elif path.suffix == ".json":
+            d = json.loads(text)
+        else:
+            raise ValueError(f"{path}: config files must be .json or .toml")
+        d.pop("cache_config_hash", None)  # written next to the config in a run's config.json
+        d.pop("cache", None)
+        return cls.from_dict(d)
+
+    def with_overrides(self, assignments: list[str]) -> TrainConfig:
+        """Apply CLI `key=value` strings; values parse as JSON when they can ('1e-4', 'null', '[1,3,6]')."""
+        d = self.to_dict()
+        for a in assignments:
+            key, sep, value = a.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not key:
+                raise ValueError(f"--set expects key=value, got {a!r}")
+            if key not in d:
+                raise ValueError(f"--set {a!r}: unknown key {key!r}; known keys: {sorted(d)}")
+            d[key] = _parse_value(value.strip())
+        return TrainConfig.from_dict(d)
+
+
+def mirror_condition(condition: str) -> str:
+    """'Left Neural Foraminal Narrowing' <-> 'Right ...'; a midline condition is its own mirror."""
+    side = CONDITION_SIDE[condition]
+    if side is None:
+        return condition
+    other = {"left": "Right", "right": "Left"}[side]
+    return other + condition[len(side):]
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if "," in text:  # conditions=Spinal Canal Stenosis,Left Neural Foraminal Narrowing
+            return [t.strip() for t in text.split(",")]
+        return text
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Make a loosely typed value (from JSON, TOML or the CLI) match the field's type hint, or raise clearly."""
+    hint = typing.get_type_hints(TrainConfig)[key]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"{key} cannot be null")
+    if key == "conditions" and isinstance(value, str):
+        value = [value]
+    if key == "in_memory":
+        return value if value in ("auto", True, False) else _bad(key, value, "'auto', true or false")
+    if typing.get_origin(hint) in (tuple, dict):
+        base = typing.get_origin(hint)
+    else:  # 'int | None' -> int
+        kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+        base = typing.get_origin(kinds[0]) or kinds[0]
+    if base is tuple:
+        return tuple(value) if isinstance(value, (list, tuple)) else _bad(key, value, "a list")
+    if base is bool:
+        return value if isinstance(value, bool) else _bad(key, value, "true or false")
+    if base is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _bad(key, value, "an integer")
+    if base is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _bad(
+            key, value, "a number")
+    if base is str:
+        return value if isinstance(value, str) else _bad(key, value, "a string")
+    return value
+
+
+def _bad(key: str, value: Any, expected: str) -> Any:
+    raise ValueError(f"{key}: expected {expected}, got {value!r}")

@@ -1,0 +1,107 @@
+"""The cache as a torch Dataset, the loaders, and the uint8 -> float step that happens on the device.
+
+Samples stay uint8 all the way to the GPU (4x less to copy than float32); the float conversion, augmentation and
+normalisation happen there, so the CPU loader only reads Zarr chunks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from cache.rsna import LEVELS
+
+
+def select_samples(index: pd.DataFrame, conditions: tuple[str, ...], labelled: bool = True) -> np.ndarray:
+    """Positions (into the reader) of the samples of `conditions`; only labelled ones when `labelled`."""
+    keep = index["condition"].isin(conditions).to_numpy(dtype=bool, copy=True)
+    if labelled:
+        keep &= index["label"].notna().to_numpy()
+    return np.flatnonzero(keep)
+
+
+class CacheDataset(Dataset):
+    """One item per selected sample: uint8 image (S, 3, H, W), label (-1 = none), level, condition, cache row."""
+
+    def __init__(self, reader, positions: np.ndarray, conditions: tuple[str, ...], in_memory: bool = False):
+        self.reader = reader
+        self.positions = np.asarray(positions, dtype=np.int64)
+        idx = reader.index.iloc[self.positions]
+        self.label = idx["label"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        self.level = idx["level"].map(LEVELS.index).to_numpy(dtype=np.int64)
+        self.condition = idx["condition"].map(conditions.index).to_numpy(dtype=np.int64)
+        self.row = idx["row"].to_numpy(dtype=np.int64)
+        self.shape = tuple(reader[int(self.positions[0])].shape) if len(self.positions) else None
+        self.images = self._load_all() if in_memory else None
+
+    def _read(self, i: int) -> np.ndarray:
+        stack = self.reader[int(self.positions[i])]
+        if stack.dtype != np.uint8 or tuple(stack.shape) != self.shape:
+            raise ValueError(f"cache row {self.row[i]}: expected uint8 {self.shape}, got {stack.dtype} {stack.shape}")
+        return stack
+
+    def _load_all(self) -> np.ndarray:
+        images = np.empty((len(self), *self.shape), dtype=np.uint8)
+        for i in range(len(self)):
+            images[i] = self._read(i)
+        return images
+
+    def nbytes(self) -> int:
+        return len(self) * int(np.prod(self.shape or (0,)))
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image = self.images[i] if self.images is not None else self._read(i)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.tensor(self.label[i]),
+                "level": torch.tensor(self.level[i]), "condition": torch.tensor(self.condition[i]),
+                "row": torch.tensor(self.row[i])}
+
+
+def available_memory() -> int:
+    """Bytes the OS says a new allocation can get without swapping (MemAvailable), else total physical memory."""
+    if os.path.exists("/proc/meminfo"):  # Linux
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def want_in_memory(setting: str | bool, nbytes: int) -> bool:
+    """'auto': load into RAM when the samples take under a third of the available memory."""
+    if setting == "auto":
+        return nbytes < available_memory() // 3
+    return bool(setting)
+
+
+def make_loader(dataset: CacheDataset, batch_size: int, workers: int, train: bool, seed: int, rank: int = 0,
+                world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Training: shuffled, each rank its own shard, the order fixed by (seed, epoch) via `sampler.set_epoch`.
+
+    Validation/prediction: in order, unsharded. Samples already in RAM need no worker processes.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=False) if train else None
+    workers = 0 if dataset.images is not None else workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, image_size: int | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Move a batch; the uint8 image becomes float in [0, 1] on the device (and is resized there if asked)."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    x = out["image"].float().div_(255)
+    if image_size is not None and x.shape[-1] != image_size:
+        b, s = x.shape[:2]
+        x = F.interpolate(x.flatten(0, 1), size=(image_size, image_size), mode="bilinear", align_corners=False,
+                          antialias=True).view(b, s, 3, image_size, image_size)
+    out["image"] = x
+    return out

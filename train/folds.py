@@ -1,0 +1,51 @@
+"""Cross-validation folds: StratifiedGroupKFold grouped by study (all levels of a patient in one fold, else the
+validation score leaks), stratified by label, seeded. Stored with the run as folds.parquet (study_id, fold)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from cache.io import atomic_write
+
+
+def make_folds(index: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+    """One row per study: study_id, fold. Unlabelled samples form their own stratum (label -1)."""
+    studies = index["study_id"].to_numpy(dtype=np.int64)
+    n_studies = len(np.unique(studies))
+    if n_studies < n_folds:
+        raise ValueError(f"{n_folds} folds need at least {n_folds} studies; the cache selection has {n_studies}")
+    # sort first: the assignment must not depend on the order the cache happened to be written in
+    order = np.lexsort((index["level"].astype(str).to_numpy(), index["condition"].astype(str).to_numpy(), studies))
+    y = index["label"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)[order]
+    groups = studies[order]
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    fold_of: dict[int, int] = {}
+    for k, (_, val) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+        fold_of.update({int(s): k for s in np.unique(groups[val])})
+    out = pd.DataFrame({"study_id": sorted(fold_of)}).astype({"study_id": "int64"})
+    out["fold"] = out["study_id"].map(fold_of).astype("int64")
+    return out
+
+
+def save_folds(folds: pd.DataFrame, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: folds.to_parquet(tmp, index=False))
+
+
+def load_folds(path: str | Path) -> pd.DataFrame:
+    folds = pd.read_parquet(path)
+    if list(folds.columns) != ["study_id", "fold"] or folds["study_id"].duplicated().any():
+        raise ValueError(f"{path}: expected unique study_id and a fold column, got {list(folds.columns)}")
+    return folds
+
+
+def fold_of_samples(index: pd.DataFrame, folds: pd.DataFrame) -> np.ndarray:
+    """The fold of every index row; a study missing from the fold table is an error (a different cache?)."""
+    fold = index["study_id"].astype("int64").map(folds.set_index("study_id")["fold"])
+    if fold.isna().any():
+        missing = index.loc[fold.isna(), "study_id"].unique()[:5].tolist()
+        raise ValueError(f"studies {missing} are not in folds.parquet: was the run made on another cache?")
+    return fold.to_numpy(dtype=np.int64)
