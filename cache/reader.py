@@ -12,7 +12,8 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -142,7 +143,7 @@ class CacheReader:
 
     def _check(self, row: int, stack: np.ndarray, key: str) -> None:
         if self._checksums is None:
-            self._checksums = dict(zip(self.index["row"].tolist(), self.index["checksum"].tolist()))
+            self._checksums = dict(zip(self.index["row"].tolist(), self.index["checksum"].tolist(), strict=True))
         want = self._checksums.get(row)
         if want is not None and fmt.checksum(stack) != want:
             raise ChecksumError(f"cache {self.path}: row {row}: pixels of chunk {key} do not match the index "

@@ -13,7 +13,8 @@ import socket
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,7 +68,7 @@ class CacheWriter:
         An existing cache with another config hash or shape raises CacheConfigMismatch unless clean=True, which
         deletes it first. A directory that is not a cache is never deleted.
         """
-        config = dict(config or {})
+        config = json.loads(json.dumps(config or {}, default=str))  # stored exactly as hashed (tuples -> lists)
         root = local_path(path)
         want_hash = fmt.config_hash(config)
         shape = (int(n_rows), int(slices), 3, int(size), int(size))
@@ -239,8 +240,9 @@ def build_lock(path: str | os.PathLike) -> Iterator[Path]:
             if stale and attempt == 0:
                 lock.unlink(missing_ok=True)
                 continue
-            raise CacheLocked(f"another build holds {lock} (pid {holder.get('pid')} on {holder.get('host')} since "
-                              f"{holder.get('since')}); wait for it, or delete the file if that build is dead")
+            who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+            raise CacheLocked(f"another build holds {lock} ({who}); wait for it, or delete the file if that build "
+                              "is dead") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break

@@ -32,19 +32,18 @@ class SampleError(Exception):
         self.stage, self.reason, self.path = stage, reason, path
 
 
-def index_series(series_dir: Path) -> tuple[list[SliceHeader], dict[int, DicomError]]:
-    """Headers of every *.dcm in the folder, and the files whose header failed, by their file-name instance."""
+def index_series(series_dir: Path) -> tuple[list[SliceHeader], dict[str, DicomError]]:
+    """Headers of every *.dcm in the folder, and the files whose header failed, by path."""
     headers: list[SliceHeader] = []
-    failed: dict[int, DicomError] = {}
+    failed: dict[str, DicomError] = {}
     for name in sorted(os.listdir(series_dir)):
         stem, ext = os.path.splitext(name)
         if ext.lower() != ".dcm":
             continue
-        number = int(stem) if stem.isdigit() else None
         try:
-            headers.append(read_header(series_dir / name, number))
+            headers.append(read_header(series_dir / name, int(stem) if stem.isdigit() else None))
         except DicomError as e:
-            failed[number if number is not None else -1 - len(failed)] = e
+            failed[e.path] = e
     return headers, failed
 
 
@@ -102,16 +101,18 @@ def build_stack(stack: Stack, images: dict[str, np.ndarray], x: float, y: float,
             raise SampleError("window", str(e), centre.path) from None
     bounds, pad = bounds_cache[unique]
     box = crop_box(x, y, centre.spacing, config.half_size_mm)
-    crops: dict[str, np.ndarray] = {}  # an edge slice replicated 3 times is cropped once
-    for h in stack.slices:
-        if h.path not in crops:
-            try:
-                affine = pixel_to_pixel(h, centre)
-            except ValueError as e:
-                raise SampleError("geometry", str(e), h.path) from None
-            crops[h.path] = crop_slice(images[h.path], box, config.size, pad, affine)
-    planes = np.stack([crops[h.path] for h in stack.slices])
-    return clahe_channels(apply_windows(planes, bounds), config.clahe_clip, config.clahe_tiles), box
+    crops: list[np.ndarray] = []  # one per distinct slice: a replicated edge slice is cropped and CLAHE'd once
+    for path in unique:
+        h = next(h for h in stack.slices if h.path == path)
+        try:
+            affine = pixel_to_pixel(h, centre)
+        except ValueError as e:
+            raise SampleError("geometry", str(e), h.path) from None
+        crops.append(crop_slice(images[path], box, config.size, pad, affine))
+    planes = clahe_channels(apply_windows(np.stack(crops), bounds), config.clahe_clip, config.clahe_tiles)
+    if len(unique) == len(stack.slices):
+        return planes, box
+    return planes[[unique.index(h.path) for h in stack.slices]], box
 
 
 def index_record(sample: dict, stack: Stack, box: CropBox, checksum: str) -> Record:
@@ -144,15 +145,15 @@ def process_series(series_dir: str | Path, samples: list[dict], config: PrepConf
     records: list[Record] = []
     for s in sorted(samples, key=lambda s: s["row"]):
         try:
-            if s["instance_number"] in header_failed:
-                e = header_failed[s["instance_number"]]
+            labelled_path = str(series_dir / f"{s['instance_number']}.dcm")
+            if labelled_path in header_failed:
+                e = header_failed[labelled_path]
                 raise SampleError("read", f"labelled instance: {e.reason}", e.path)
             try:
                 stack, images = reader.stack(s["instance_number"], config.slices)
             except KeyError:
                 raise SampleError("geometry", f"instance {s['instance_number']} not in series "
-                                              f"({len(reader.headers)} readable slices)",
-                                  str(series_dir / f"{s['instance_number']}.dcm")) from None
+                                              f"({len(reader.headers)} readable slices)", labelled_path) from None
             planes, box = build_stack(stack, images, s["x"], s["y"], config, bounds_cache)
             records.append(index_record(s, stack, box, write(s["row"], planes)))
         except SampleError as e:
@@ -160,12 +161,9 @@ def process_series(series_dir: str | Path, samples: list[dict], config: PrepConf
     # Files that failed without failing a sample (a dropped neighbour, an unused file): still reported, once each.
     study, series = samples[0]["study_id"], samples[0]["series_id"]
     reported = {r["path"] for r in records if not r["ok"]}
-    file_errors = [("read", number, e) for number, e in header_failed.items()] + \
-                  [("decode", None, e) for e in reader.failed.values()]
-    for stage, number, e in file_errors:
-        if e.path in reported:
-            continue
-        records.append(dict(ok=False, **error(e.path, None, e.reason, stage=stage, study_id=study, series_id=series,
-                                              instance_number=number if number is not None and number >= 0 else
-                                              Path(e.path).stem)))
+    file_errors = [("read", e) for e in header_failed.values()] + [("decode", e) for e in reader.failed.values()]
+    for stage, e in file_errors:
+        if e.path not in reported:
+            records.append(dict(ok=False, **error(e.path, None, e.reason, stage=stage, study_id=study,
+                                                  series_id=series, instance_number=Path(e.path).stem)))
     return records

@@ -14,7 +14,7 @@ from cache.rsna import CONDITIONS, LABEL_COLUMNS, LEVELS, PROB_COLUMNS, label_co
 from train.evaluate import apply_temperature, evaluate, fit_temperature, read_temperature
 from train.predict import (MISSING_LOG, PUBLISHED_MIX, assemble, checkpoint_config, condition_priors,
                            metric_optimal, predict, resolve_checkpoints, submission_rows)
-from train.score import competition_score, labels_long, score_submission
+from train.score import SCORE_KEYS, competition_score, labels_long, score_submission
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SAMPLE = FIXTURES / "rsna_small" / "sample_submission.csv"
@@ -304,7 +304,78 @@ def test_predict_end_to_end_on_a_tiny_cache(tmp_path):
     # with the sample submission's order (a reversed one here) and a study the cache never saw
     order = submission_row_ids([503, *studies])[::-1]
     pd.DataFrame({"row_id": order, **{c: 1 / 3 for c in PROBS}}).to_csv(tmp_path / "sample.csv", index=False)
-    ordered = predict([run_a, ckpt_b], tmp_path / "cache", tmp_path / "o.csv", sample_submission=tmp_path / "sample.csv",
-                      device="cpu")
+    ordered = predict([run_a, ckpt_b], tmp_path / "cache", tmp_path / "o.csv",
+                      sample_submission=tmp_path / "sample.csv", device="cpu")
     assert ordered["row_id"].tolist() == order
+    unseen = pd.read_csv(tmp_path / MISSING_LOG).query("row_id.str.startswith('503_')")
+    assert len(unseen) == 25 and set(unseen["reason"]) <= {"no crop in the cache (no coordinate)",
+                                                           "no model trained on this condition"}
     assert ordered.set_index("row_id").loc[sub["row_id"], PROBS].to_numpy() == pytest.approx(sub[PROBS].to_numpy())
+
+
+# ------------------------------------------------------------------ the whole path on the synthetic test split
+
+@pytest.mark.slow
+def test_synth_prep_train_predict_score(tmp_path):
+    """synth -> prep (train, and test with a coordinates CSV) -> train -> evaluate -> predict -> score_submission."""
+    from typer.testing import CliRunner
+
+    from lsdc.cli import app
+    from prep.synth import synth
+    from train.config import TrainConfig
+    from train.loop import fit
+
+    data = tmp_path / "data"
+    synth(data, studies=6, seed=0, image_size=(64, 96))
+    coords = pd.read_csv(data / "test_label_coordinates.csv")
+    first = int(coords["study_id"].min())
+    dropped = (coords["study_id"] == first) & (coords["condition"] == SPINAL) & (coords["level"] == "L1/L2")
+    assert dropped.sum() == 1
+    coords[~dropped].to_csv(tmp_path / "coords.csv", index=False)  # a localizer that missed one level
+
+    runner = CliRunner()
+    prep = ["prep", "--slices", "3", "--size", "32", "--workers", "1", "--scheduler", "synchronous", "--no-progress"]
+    r = runner.invoke(app, [*prep, str(data), str(tmp_path / "train_cache")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*prep, str(data), str(tmp_path / "test_cache"), "--split", "test",
+                            "--coords", str(tmp_path / "coords.csv")])
+    assert r.exit_code == 0, r.output
+
+    cfg = TrainConfig(conditions=(SPINAL, LEFT_FOR), backbone="test_efficientnet", pretrained=False, epochs=1,
+                      folds=2, fold=None, batch_size=16, workers=0, freeze_epochs=0, swa_start=None,
+                      channels_last=False, in_memory=False, device="cpu")
+    run = tmp_path / "run"
+    fit(tmp_path / "train_cache", run, cfg)
+
+    r = runner.invoke(app, ["evaluate", str(run), "--calibrate"])
+    assert r.exit_code == 0, r.output
+    assert "score" in r.output and "(partial)" in r.output  # no subarticular model: a partial OOF score
+    saved = json.loads((run / "score.json").read_text())
+    assert saved["score"]["missing_parts"] == ["subarticular"] and (run / "temperature.json").exists()
+
+    out = tmp_path / "sub" / "submission.csv"
+    r = runner.invoke(app, ["predict", str(run), "--cache", str(tmp_path / "test_cache"), "--out", str(out),
+                            "--sample-submission", str(data / "sample_submission.csv"), "--device", "cpu",
+                            "--temperature", str(run / "temperature.json")])
+    assert r.exit_code == 0, r.output
+    sub, sample = pd.read_csv(out), pd.read_csv(data / "sample_submission.csv")
+    assert list(sub.columns) == list(sample.columns) == ["row_id", *PROBS]
+    assert sub["row_id"].tolist() == sample["row_id"].tolist()
+    assert np.allclose(sub[PROBS].sum(axis=1), 1.0, atol=1e-12) and (sub[PROBS].to_numpy() > 0).all()
+
+    n_test = coords["study_id"].nunique()
+    missing = pd.read_csv(out.parent / MISSING_LOG).set_index("row_id")
+    # spinal + left foraminal come from the models, except the level whose coordinate was dropped
+    assert len(missing) == 25 * n_test - (10 * n_test - 1)
+    assert missing.loc[f"{first}_spinal_canal_stenosis_l1_l2", "reason"] == "no crop in the cache (no coordinate)"
+    assert missing.loc[f"{first}_right_neural_foraminal_narrowing_l1_l2", "reason"] == \
+        "no model trained on this condition"
+    oof = pd.read_parquet(run / "oof.parquet")
+    mix = np.bincount(oof.loc[oof["condition"] == SPINAL, "label"].dropna().astype(int), minlength=3)
+    assert sub.set_index("row_id").loc[f"{first}_spinal_canal_stenosis_l1_l2"].to_numpy() == pytest.approx(
+        metric_optimal(mix / mix.sum()))
+
+    got = score_submission(data / "test_labels.csv", out, details=True)
+    assert not got["partial"] and all(math.isfinite(got[k]) and got[k] > 0 for k in SCORE_KEYS)
+    assert got["n_spinal"] + got["n_foraminal"] + got["n_subarticular"] == \
+        labels_long(data / "test_labels.csv")["label"].notna().sum()

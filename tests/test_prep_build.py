@@ -4,6 +4,7 @@ named rows, exit codes, the CLI, and no torch."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
+import pydicom
 import pytest
 
 import cache
@@ -26,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 def _content(path: Path) -> tuple[list, list]:
     """What makes two caches equal: every index row (incl. checksums) and the pixels of every row."""
     c = cache.open(path)
-    rows = c.index.drop(columns=[]).astype(str).values.tolist()
+    rows = c.index.astype(str).values.tolist()
     return rows, [c[i].tobytes() for i in range(len(c))]
 
 
@@ -51,11 +52,21 @@ def test_reference_cache_contents(reference):
     assert all(len(v) == 7 for v in c.index.slice_instances)
 
 
-def test_processes_scheduler_and_local_cluster_give_identical_caches(data, reference, tmp_path):
+def test_local_schedulers_and_clusters_give_identical_caches(data, reference, tmp_path):
+    from dask.distributed import LocalCluster
+
     build(data, tmp_path / "p", CFG, scheduler="processes", workers=2)
-    build(data, tmp_path / "lc", CFG, workers=2)  # dask.distributed LocalCluster, 2 processes x 1 thread
+    build(data, tmp_path / "lc", CFG, workers=2)  # default: dask.distributed LocalCluster, 2 processes x 1 thread
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:  # "a running cluster"
+        build(data, tmp_path / "addr", CFG, scheduler=cluster.scheduler_address)
     ref = _content(reference)
-    assert _content(tmp_path / "p") == ref and _content(tmp_path / "lc") == ref
+    assert _content(tmp_path / "p") == ref and _content(tmp_path / "lc") == ref and _content(tmp_path / "addr") == ref
+
+
+def test_a_second_build_on_the_same_output_is_refused(data, tmp_path):
+    with cache.build_lock(tmp_path / "c"):
+        with pytest.raises(cache.CacheLocked):
+            build(data, tmp_path / "c", CFG, scheduler="synchronous")
 
 
 def test_interrupted_build_resumes_to_the_same_cache(data, reference, tmp_path):
@@ -97,14 +108,14 @@ def test_kill_9_mid_build_then_resume_gives_the_same_cache(tmp_path):
 
 def test_failures_become_error_rows_and_good_samples_are_unchanged(data, reference, tmp_path):
     bad = tmp_path / "bad"
-    os.system(f"cp -r {data} {bad}")
+    shutil.copytree(data, bad)
     study0, study1, study2 = sorted(p.name for p in (bad / "train_images").iterdir())
     s0 = bad / "train_images" / study0 / next(p.name for p in (bad / "train_images" / study0).iterdir())
-    by_pos = sorted(s0.iterdir(), key=lambda p: float(__import__("pydicom").dcmread(p).ImagePositionPatient[0]))
+    by_pos = sorted(s0.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[0]))
     by_pos[0].write_bytes(by_pos[0].read_bytes()[:-500])  # truncated edge slice: dropped, reported, not black
     s1 = bad / "train_images" / study1
     for p in s1.iterdir():
-        os.system(f"rm -r {p}")  # a missing series folder
+        shutil.rmtree(p)  # a missing series folder
     coords = bad / "train_label_coordinates.csv"
     lines = coords.read_text().splitlines()
     fields = lines[-1].split(",")
@@ -142,11 +153,14 @@ def test_nothing_built_is_a_failure_and_cli_reports(data, tmp_path):
     assert "5 of 5 samples built" in ok.output and len(cache.open(tmp_path / "c")) == 5
     clash = runner.invoke(app, args[:-2] + ["--slices", "5"])
     assert clash.exit_code == 2 and "--clean" in clash.output
-    none = runner.invoke(app, args + ["--conditions", "foraminal"])
-    assert none.exit_code != 0  # no foraminal coordinates in this dataset (and a config clash first)
     empty = runner.invoke(app, ["prep", str(data), str(tmp_path / "e"), "--conditions", "foraminal",
                                 "--scheduler", "synchronous", "--no-progress"])
-    assert empty.exit_code == 1 and "0 of 0 samples built" in empty.output
+    assert empty.exit_code == 1 and "0 of 0 samples built" in empty.output  # no foraminal points in this data
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    (broken / "train.csv").write_text("")
+    table = runner.invoke(app, ["prep", str(broken), str(tmp_path / "b"), "--no-progress"])
+    assert table.exit_code == 2 and "train.csv" in table.output and "empty file" in table.output
 
 
 def test_prep_imports_no_torch():

@@ -97,7 +97,8 @@ def test_dead_class_monitor_fires_and_stops(tiny, tmp_path, monkeypatch, caplog)
     monkeypatch.setattr("train.model.Head.init_bias", never_moderate)
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="lsdc.train"):
-        loop.fit(tiny, run, tiny_cfg(epochs=4, lr_backbone=0.0, lr_head=0.0, dead_stop_after=2, patience=None))
+        loop.fit(tiny, run, tiny_cfg(epochs=4, lr_backbone=0.0, lr_head=0.0, dead_stop_after=2, patience=None,
+                                     in_memory="auto"))
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     dead = [r for r in records if r["type"] == "dead_class"]
     assert [d["epoch"] for d in dead] == [0, 1] and all("Moderate" in d["classes"] for d in dead)

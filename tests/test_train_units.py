@@ -223,3 +223,28 @@ def test_train_imports_neither_pydicom_nor_dask():
             "bad = [m for m in ('pydicom', 'dask', 'prep', 'distributed', 'cv2') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def test_dataset_streaming_equals_in_memory_and_uint8_becomes_float_on_device(tmp_path):
+    import cache
+    from tiny_cache import make_tiny_cache
+    from train.data import CacheDataset, make_loader, select_samples, to_device
+
+    reader = cache.open(make_tiny_cache(tmp_path / "c", n_studies=2, unlabelled=3))
+    pos = select_samples(reader.index, (SPINAL,))
+    assert len(pos) == 10 - 3  # unlabelled samples are not trained on
+    stream, ram = CacheDataset(reader, pos, (SPINAL,)), CacheDataset(reader, pos, (SPINAL,), in_memory=True)
+    assert ram.images.shape == (7, 3, 3, 32, 32)
+    for i in range(len(stream)):
+        a, b = stream[i], ram[i]
+        assert a["image"].dtype == torch.uint8 and all(torch.equal(a[k], b[k]) for k in a)
+        assert np.array_equal(a["image"].numpy(), reader[int(pos[i])])
+        row = reader.index.iloc[int(pos[i])]
+        assert (a["row"].item(), a["label"].item()) == (row["row"], row["label"])
+        assert a["level"].item() == ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1").index(row["level"])
+    batch = next(iter(make_loader(stream, 4, workers=0, train=False, seed=0)))
+    x = to_device(batch, torch.device("cpu"))["image"]
+    assert x.dtype == torch.float32 and torch.allclose(x * 255, batch["image"].float())
+    assert to_device(batch, torch.device("cpu"), image_size=48)["image"].shape == (4, 3, 3, 48, 48)

@@ -7,6 +7,7 @@ normalisation happen there, so the CPU loader only reads Zarr chunks.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -37,7 +38,9 @@ class CacheDataset(Dataset):
         self.condition = idx["condition"].map(conditions.index).to_numpy(dtype=np.int64)
         self.row = idx["row"].to_numpy(dtype=np.int64)
         self.shape = tuple(reader[int(self.positions[0])].shape) if len(self.positions) else None
-        self.images = self._load_all() if in_memory else None
+        self.images: np.ndarray | None = None
+        if in_memory:
+            self.load_into_memory()
 
     def _read(self, i: int) -> np.ndarray:
         stack = self.reader[int(self.positions[i])]
@@ -45,11 +48,16 @@ class CacheDataset(Dataset):
             raise ValueError(f"cache row {self.row[i]}: expected uint8 {self.shape}, got {stack.dtype} {stack.shape}")
         return stack
 
-    def _load_all(self) -> np.ndarray:
+    def load_into_memory(self, threads: int = 8) -> None:
+        """Read every selected sample once (threads: Zarr decompression releases the GIL); later epochs index RAM."""
         images = np.empty((len(self), *self.shape), dtype=np.uint8)
-        for i in range(len(self)):
+
+        def read(i: int) -> None:
             images[i] = self._read(i)
-        return images
+
+        with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1))) as pool:
+            list(pool.map(read, range(len(self))))
+        self.images = images
 
     def nbytes(self) -> int:
         return len(self) * int(np.prod(self.shape or (0,)))

@@ -123,44 +123,46 @@ def save_checkpoint(path: Path, raw: LSDCModel, opt, sched, scaler, average: Wei
 
 def load_checkpoint_into(path: Path, raw: LSDCModel, opt, sched, scaler, average: WeightAverage | None, gen,
                          rt: Runtime) -> dict:
-    ckpt = torch.load(path, map_location=rt.device, weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies onto the device
     raw.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     if average is not None and ckpt["ema"] is not None:
         average.load_state_dict(ckpt["ema"])
-    set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in ckpt["rng"].items()}, gen)
+    set_rng_state(ckpt["rng"], gen)
     return ckpt
 
 
 # ----------------------------------------------------------------------------- one fold
 
-def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, cfg: TrainConfig, run_dir: Path,
-               rt: Runtime, resume: bool) -> dict:
-    fold_dir = run_dir / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
+def fold_loaders(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, cfg: TrainConfig, rt: Runtime):
+    """(train loader, validation loader, validation index rows) of one fold's labelled samples."""
     positions = select_samples(index, cfg.conditions)
     train_pos, val_pos = positions[sample_fold[positions] != fold], positions[sample_fold[positions] == fold]
     train_ds = CacheDataset(reader, train_pos, cfg.conditions)
     val_ds = CacheDataset(reader, val_pos, cfg.conditions)
-    if want_in_memory(cfg.in_memory, train_ds.nbytes() + val_ds.nbytes()):
-        train_ds.images, val_ds.images = train_ds._load_all(), val_ds._load_all()
-    pin = rt.device.type == "cuda"
+    # every rank of a one-node DDP run holds its own copy
+    if want_in_memory(cfg.in_memory, (train_ds.nbytes() + val_ds.nbytes()) * rt.world_size):
+        train_ds.load_into_memory()
+        val_ds.load_into_memory()
+    pin = rt.device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps compute (non_blocking)
     train_loader = make_loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed, rt.rank, rt.world_size, pin)
     val_loader = make_loader(val_ds, cfg.batch_size * 2, cfg.workers, False, cfg.seed, pin_memory=pin)
-    val_index = index.iloc[val_pos]
+    return train_loader, val_loader, index.iloc[val_pos]
+
+
+def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, cfg: TrainConfig, run_dir: Path,
+               rt: Runtime, resume: bool) -> dict:
+    fold_dir = run_dir / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train_loader, val_loader, val_index = fold_loaders(fold, reader, index, sample_fold, cfg, rt)
+    train_ds, val_ds = train_loader.dataset, val_loader.dataset
 
     # model, optimiser, schedule, loss: the same construction on a resume, then the checkpoint overwrites the state
     seed_everything(cfg.seed)
     counts = np.bincount(train_ds.label, minlength=3)
     raw = build_model(cfg, torch.tensor(counts / counts.sum())).to(rt.device)
-    model = raw
-    if rt.ddp:  # a frozen backbone gets no gradients, which DDP must be told to expect
-        model = DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                        find_unused_parameters=cfg.freeze_epochs > 0)
-    if cfg.compile:
-        model = torch.compile(model)
     steps_per_epoch = len(train_loader)
     opt, sched = make_optimizer(raw, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
@@ -179,7 +181,7 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
         print(f"fold {fold}: {len(train_ds)} train / {len(val_ds)} val samples, class counts {counts.tolist()}, "
               f"{steps_per_epoch} steps per epoch, device {rt.device} x{rt.world_size}, amp {rt.amp_dtype}")
 
-    stop = state.get("stopped", False)
+    stop, model = state.get("stopped", False), None
     for epoch in range(start, cfg.epochs):
         if stop:
             break
@@ -187,7 +189,9 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
         torch.manual_seed(cfg.seed + 1000 * epoch + rt.rank)
         gen.manual_seed(cfg.seed + 1000 * epoch + rt.rank + 1)
         train_loader.sampler.set_epoch(epoch)
-        raw.freeze_backbone(epoch < cfg.freeze_epochs)
+        if model is None or raw.backbone_frozen != (epoch < cfg.freeze_epochs):
+            raw.freeze_backbone(epoch < cfg.freeze_epochs)
+            model = _wrap(raw, cfg, rt)  # DDP syncs only the parameters that train: re-wrap when that set changes
         lrs = [g["lr"] for g in opt.param_groups]
         tr = train_one_epoch(model, raw, train_loader, opt, sched, scaler, loss_fn, cfg, rt, gen, average,
                              desc=f"fold {fold} epoch {epoch}")
@@ -214,6 +218,13 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
     if rt.master:
         result.update(_write_fold_oof(fold, fold_dir, reader, val_loader, val_index, cfg, rt), state=state)
     return result
+
+
+def _wrap(raw: LSDCModel, cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
+    model = raw
+    if rt.ddp:
+        model = DistributedDataParallel(raw, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(model) if cfg.compile else model
 
 
 def _select_and_monitor(record: dict, state: dict, cfg: TrainConfig, run_dir: Path) -> str | None:
@@ -346,8 +357,9 @@ def _finite(x: float | None, default: float) -> float:
 
 
 def _weights_hash(model: torch.nn.Module) -> str:
+    """Of the parameters only: BatchNorm running statistics are per rank under DDP (rank 0's are saved)."""
     h = hashlib.sha256()
-    for v in model.state_dict().values():
+    for v in model.parameters():
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 

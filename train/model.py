@@ -172,6 +172,7 @@ class LSDCModel(nn.Module):
     def freeze_backbone(self, frozen: bool) -> None:
         """Frozen = weights and BatchNorm statistics both fixed (the encoder stays in eval mode)."""
         self.backbone_frozen = frozen
+        self.encoder.requires_grad_(not frozen)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> LSDCModel:

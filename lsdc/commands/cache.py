@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
-
 import typer
 
 app = typer.Typer(no_args_is_help=True)
@@ -81,7 +79,7 @@ def show(
     condition: str = typer.Option(..., help="e.g. 'Spinal Canal Stenosis'"),
     level: str = typer.Option(..., help="e.g. 'L4/L5'"),
     row: int = typer.Option(0, help="which match, when several samples match (e.g. two series)"),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default: show_<study>_<condition>_<level>.png)"),
+    out: Path | None = typer.Option(None, help="PNG to write (default: show_<study>_<condition>_<level>.png)"),
 ) -> None:
     """Draw one sample as a grid of slices x windows and save it as a PNG."""
     from cache.rsna import slug

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, "--batch-size"),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1."),
     ) -> None:
-        """Train the per-slice model on a cache (v8 defaults). Multi-GPU: `torchrun --nproc_per_node N -m lsdc train`."""
+        """Train the per-slice model on a cache (v8 defaults). Multi-GPU: torchrun --nproc_per_node N -m lsdc train."""
         import logging
 
         from train.config import TrainConfig

@@ -71,14 +71,14 @@ class Phantom:
             disc_s[k] = disc_s[k - 1] + disc_h[k - 1] / 2 + body_h[k] + disc_h[k] / 2
         disc_s -= disc_s[FIRST_LEVEL]
         canal_w = float(rng.uniform(10.0, 12.0))
-        shift = np.convolve(rng.normal(0, 1.5, N_DISCS + 2), np.ones(3) / 3, mode="valid")  # smooth, small
+        shift = np.convolve(rng.normal(0, 1.0, N_DISCS + 2), np.ones(3) / 3, mode="valid")  # smooth, small
         return cls(
             origin=[float(v) for v in rng.normal(0, 15, 3) + (0.0, 30.0, 60.0)],
             phi0=float(rng.uniform(-0.35, -0.1)),
             kappa=float(1.0 / rng.uniform(170.0, 320.0)),
             disc_s=[float(v) for v in disc_s],
             disc_h=[float(v) for v in disc_h],
-            body_rx=[float(v) for v in np.linspace(19, 24, N_DISCS) + rng.normal(0, 0.7, N_DISCS)],
+            body_rx=[float(v) for v in np.linspace(21, 27, N_DISCS) + rng.normal(0, 0.7, N_DISCS)],
             body_ry=[float(v) for v in np.linspace(14, 18, N_DISCS) + rng.normal(0, 0.5, N_DISCS)],
             shift_x=[float(v) for v in shift],
             canal_w=canal_w,
@@ -162,29 +162,31 @@ class Phantom:
 
     # --- rendering -----------------------------------------------------------------------------------------------
     def intensity(self, p: np.ndarray, contrast: str) -> np.ndarray:
-        """MR intensity (float32, N) at patient points (N, 3): tissue lookup, per-study gain, smooth texture."""
+        """MR intensity (float32, N) at patient points (N, 3): tissue lookup with the per-study gains."""
         lut = np.asarray(CONTRASTS[contrast], np.float32) * np.asarray(self.tissue_gain, np.float32)
-        img = lut[self.tissues(p)]
-        if self.texture:
-            t = np.ones(len(p), np.float32)
-            for kx, ky, kz, phase, amp in self.texture:
-                t += np.float32(amp) * np.sin(p @ np.array([kx, ky, kz]) + phase).astype(np.float32)
-            img *= t
-        return img
+        return lut[self.tissues(p)]
+
+    def shading(self, p: np.ndarray) -> np.ndarray:
+        """Smooth multiplicative field (float32, N): tissue texture (a few long sinusoids) times the coil bias."""
+        t = np.ones(len(p), np.float32)
+        for kx, ky, kz, phase, amp in self.texture:
+            t += np.float32(amp) * np.sin(p @ np.array([kx, ky, kz], np.float32) + np.float32(phase))
+        return t * self.bias(p)
 
     def bias(self, p: np.ndarray) -> np.ndarray:
         """Smooth receive-coil sensitivity (float32, N): the spine coil lies under the patient's back, so signal falls
         off anteriorly and laterally."""
-        dy = (p[:, 1] - self.origin[1] - 30.0) / 100.0
-        dx = (p[:, 0] - self.origin[0]) / 100.0
-        return np.exp(self.coil[0] * dy - self.coil[1] * dx**2).astype(np.float32)
+        dy = (p[:, 1] - np.float32(self.origin[1] + 30.0)) * np.float32(0.01)
+        dx = (p[:, 0] - np.float32(self.origin[0])) * np.float32(0.01)
+        return np.exp(np.float32(self.coil[0]) * dy - np.float32(self.coil[1]) * dx**2)
 
     def tissues(self, p: np.ndarray) -> np.ndarray:
         """Tissue class (uint8, N) at patient points (N, 3)."""
         s, b, x = self.to_spine(p)
         lab = np.full(len(p), AIR, np.uint8)
-        # Body outline: an ellipse centred in front of the spine, a subcutaneous fat layer, back and psoas muscles.
-        e = (x / 165.0) ** 2 + ((b + 60.0) / 150.0) ** 2
+        # Body outline: an elliptic cylinder along z (the back skin does not follow the lordosis), a subcutaneous
+        # fat layer; then the back muscles and the psoas, which do follow the spine.
+        e = ((p[:, 0] - self.origin[0]) / 165.0) ** 2 + ((p[:, 1] - self.origin[1] + 40.0) / 145.0) ** 2
         lab[e <= 1] = FAT
         lab[e <= 0.8] = SOFT
         ax = np.abs(x)
@@ -234,13 +236,14 @@ class Phantom:
                          + ((ax - xf) / 5.0) ** 2 <= 1)
         lab[fat] = FAT
         lab[nominal & (((ds + 6.0) / 2.6) ** 2 + ((b - ry - 5.0) / 2.6) ** 2 <= 1)] = NERVE  # exiting root
-        self._canal(lab, s, b, x, k, ds, hd, bc, side, post)
+        c = np.nonzero(post & (ax < cw + 4.5) & (b > bc - cd - 0.5) & (b < bc + cd + 0.5))[0]  # the canal's box
+        lab[c] = self._canal(lab[c], s[c], b[c], x[c], k[c], ds[c], hd[c], bc[c], side[c])
         return lab
 
-    def _canal(self, lab, s, b, x, k, ds, hd, bc, side, post) -> None:
+    def _canal(self, lab, s, b, x, k, ds, hd, bc, side) -> np.ndarray:
         """Epidural fat, the thecal sac (CSF) with the cord or cauda equina, compression, and the lateral recesses."""
         cw, cd = self.canal_w, self.canal_d
-        canal = post & ((x / cw) ** 2 + ((b - bc) / cd) ** 2 <= 1)
+        canal = (x / cw) ** 2 + ((b - bc) / cd) ** 2 <= 1
         lab[canal] = FAT
         phi = np.exp(-((ds / (hd + 3.0)) ** 2))  # compression is strongest at the disc and fades over a vertebra
         gc = np.asarray(self.g_canal)[k] * phi
@@ -263,10 +266,11 @@ class Phantom:
         # Lateral recesses: nominal space is facet/ligament, the CSF inside it closes with subarticular stenosis.
         br = bc - 0.1 * cd
         e = (ds / 7.0) ** 2 + ((b - br) / 4.0) ** 2 + ((np.abs(x) - self.recess_x) / 4.0) ** 2
-        recess = post & (e <= 1) & (np.abs(ds) < 7.0)
+        recess = e <= 1
         lab[recess] = LIGAMENT
         shrink = np.maximum(1.0 - 0.85 * np.asarray(self.g_recess)[k, side], 0.1)
         open_ = recess & ((ds / 7.0) ** 2 + (((b - br) / 4.0) ** 2 + ((np.abs(x) - self.recess_x) / 4.0) ** 2)
                           / shrink**2 <= 1)
         lab[open_] = CSF
         lab[recess & ((np.abs(x) - self.recess_x - 0.5) ** 2 + (b - br - 1.0) ** 2 <= 1.4**2)] = NERVE  # root
+        return lab

@@ -71,8 +71,12 @@ def locate(ph: Phantom, series: list[Series], condition: str, level: str, series
     if not candidates:
         return None
     p = ph.centre(condition, level)
-    best = min(((s, *s.nearest(p)) for s in candidates), key=lambda t: abs(t[4]))
-    s, sl, x, y, _ = best
+    s, sl, x, y, _ = min(((s, *s.nearest(p)) for s in candidates), key=lambda t: abs(t[4]))
+    if CONDITION_GROUP[condition] == "spinal" and s.description != "Axial T2":
+        # One mid-sagittal slice for all five levels, as a reader marks them: the slice nearest the canal midline.
+        mid = np.mean([ph.centre(condition, lv) for lv in LEVELS], axis=0)
+        sl = s.nearest(mid)[0]
+        x, y, _ = sl.to_pixel(p)
     return dict(series_id=s.series_id, instance_number=sl.instance_number, condition=condition, level=level,
                 x=x, y=y)
 
