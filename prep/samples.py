@@ -136,7 +136,9 @@ def read_samples(data_dir: str | Path, config: PrepConfig) -> tuple[pd.DataFrame
 
     samples: list[dict] = []
     first_line: dict[tuple[int, str, str], int] = {}
-    claimed: set[tuple[int, str, str]] = set()  # keys with a coordinate row, even a bad one (reported once)
+    # Keys some coordinate row stands for, even a bad one: its error explains a missing label, which is not reported
+    # a second time (a row with an unknown level stands for every level of its study and condition).
+    claimed: set[tuple[int, str, str]] = set()
     for r in coords.itertuples(index=False):
         where = dict(study_id=r.study_id, series_id=r.series_id, instance_number=r.instance_number,
                      condition=r.condition if r.condition in CONDITIONS else None,
@@ -144,8 +146,10 @@ def read_samples(data_dir: str | Path, config: PrepConfig) -> tuple[pd.DataFrame
         reason = _bad_ids(r, ("study_id", "series_id", "instance_number"))
         if reason is None and r.condition not in CONDITIONS:
             reason = f"unknown condition {r.condition!r}"
+            claimed.update((int(r.study_id), c, r.level) for c in CONDITIONS)  # its label is explained by this row
         if reason is None and r.level not in LEVELS:
             reason = f"unknown level {r.level!r}"
+            claimed.update((int(r.study_id), r.condition, lv) for lv in LEVELS)
         if reason is None:
             study, ser = int(r.study_id), int(r.series_id)
             if r.condition not in config.conditions or (study in known and study not in studies):

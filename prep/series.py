@@ -127,6 +127,17 @@ def index_record(sample: dict, stack: Stack, box: CropBox, checksum: str) -> Rec
     )
 
 
+def _absent(instance: int, headers: list[SliceHeader], path: str) -> SampleError:
+    """No slice with this instance number: a gap in the series' numbering is a missing file, a number outside it
+    is a coordinate pointing at the wrong instance."""
+    numbers = [h.instance_number for h in headers]
+    if numbers and min(numbers) < instance < max(numbers):
+        return SampleError("read", f"missing file: instance {instance} lies inside the series' numbering "
+                                   f"{min(numbers)}..{max(numbers)} but its file is absent", path)
+    span = f"{min(numbers)}..{max(numbers)}" if numbers else "no readable slices"
+    return SampleError("geometry", f"instance {instance} not in series (instances {span})", path)
+
+
 def _sample_error(sample: dict, path: str, stage: str, reason: str) -> Record:
     return dict(ok=False, **error(path, None, reason, stage=stage, study_id=sample["study_id"],
                                   series_id=sample["series_id"], instance_number=sample["instance_number"],
@@ -152,8 +163,7 @@ def process_series(series_dir: str | Path, samples: list[dict], config: PrepConf
             try:
                 stack, images = reader.stack(s["instance_number"], config.slices)
             except KeyError:
-                raise SampleError("geometry", f"instance {s['instance_number']} not in series "
-                                              f"({len(reader.headers)} readable slices)", labelled_path) from None
+                raise _absent(s["instance_number"], headers, labelled_path) from None
             planes, box = build_stack(stack, images, s["x"], s["y"], config, bounds_cache)
             records.append(index_record(s, stack, box, write(s["row"], planes)))
         except SampleError as e:

@@ -54,7 +54,8 @@ def test_bad_rows_become_error_rows_naming_file_and_line(tmp_path):
         "99,100,7,Spinal Canal Stenosis,L4/L5,1,1",     # 9: study not in train.csv
         "10,555,7,Spinal Canal Stenosis,L1/L2,1,1",     # 10: series not in the descriptions
         "20,201,7,Spinal Canal Stenosis,L1/L2,1,1",     # 11: series with an unknown description
-    ], labels={10: {label_column(SCS, "L5/S1"): "Moderate", label_column(SCS, "L2/L3"): "Severe"},
+    ], labels={10: {label_column(LNF, "L5/S1"): "Moderate", label_column(SCS, "L2/L3"): "Severe",
+                    label_column(SCS, "L1/L2"): "Severe"},
                20: {label_column(SCS, "L1/L2"): "Sometimes"}},
         series=["10,100,Sagittal T2/STIR", "20,201,Sagittal T3"])
     samples, errors = read_samples(d, PrepConfig())
@@ -70,7 +71,8 @@ def test_bad_rows_become_error_rows_naming_file_and_line(tmp_path):
     assert got[f"{c}:9"] == "study 99 is not in train.csv"
     assert "not in train_series_descriptions.csv" in got[f"{c}:10"]
     assert got[f"{c}:11"].startswith("unknown series description 'Sagittal T3'")
-    # train.csv line 2 = study 10: its L5/S1 label has no coordinate row (L2/L3 has one, a bad one: reported once)
+    # train.csv line 2 = study 10: its foraminal L5/S1 label has no coordinate row; canal L2/L3 has a bad one and
+    # canal L1/L2 is explained by the row with an unknown level (line 6): both reported once, by their rows
     assert got["train.csv:2"] == "label 'Moderate' without coordinates"
     assert (errors.stage == "tables").all() and len(errors) == 10
     assert errors.loc[errors.path == f"{c}:3", "study_id"].isna().all()  # an invalid id is never coerced

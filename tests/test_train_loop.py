@@ -177,7 +177,7 @@ def test_cli_train_config_file_set_and_resume(tiny, tmp_path):
     run = tmp_path / "run"
     args = ["train", str(tiny), str(run), "--config", str(tmp_path / "c.toml"), "--epochs", "1", "--fold", "1",
             "--set", "folds=3", "--set", "workers=0", "--set", "swa_start=null", "--set", "freeze_epochs=0",
-            "--device", "cpu"]
+            "--set", "ema_decay=0.9", "--device", "cpu"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     saved = json.loads((run / "config.json").read_text())
@@ -185,6 +185,9 @@ def test_cli_train_config_file_set_and_resume(tiny, tmp_path):
                                                                                                    "cpu")
     assert "fold 1 epoch  0/1" in res.output
     assert (run / "fold1" / "oof.parquet").exists()
+    ckpt = torch.load(run / "fold1" / "best.pt", weights_only=True)
+    n_train = 12 * 5 - 2 - len(pd.read_parquet(run / "oof.parquet"))
+    assert ckpt["eval_with"] == "ema" and ckpt["ema"]["n_averaged"] == -(-n_train // 12)  # EMA: once per step
     res = CliRunner().invoke(app, ["train", "--resume", str(run)])  # a finished run: nothing left to do
     assert res.exit_code == 0, res.output
     assert len(epochs_of(run)) == 1

@@ -248,3 +248,33 @@ def test_dataset_streaming_equals_in_memory_and_uint8_becomes_float_on_device(tm
     x = to_device(batch, torch.device("cpu"))["image"]
     assert x.dtype == torch.float32 and torch.allclose(x * 255, batch["image"].float())
     assert to_device(batch, torch.device("cpu"), image_size=48)["image"].shape == (4, 3, 3, 48, 48)
+
+
+def test_best_checkpoint_rules_and_early_stop(tmp_path):
+    from train.loop import _select_and_monitor, lr_factor
+
+    def rec(epoch, ba, recall, score):
+        return {"fold": 0, "epoch": epoch, "ba": ba, "recall": recall, "score": score, "dead_classes": [],
+                "pred_counts": [5, 5, 5]}
+
+    history = [rec(0, 0.70, [0.9, 0.10, 0.9], 0.9), rec(1, 0.60, [0.8, 0.25, 0.5], 0.8),
+               rec(2, 0.65, [0.8, 0.30, 0.6], 1.0), rec(3, 0.90, [1.0, 0.15, 1.0], 0.5)]
+    for rule, best, stop in (("v8", [True, True, True, False], None), ("score", [True, True, False, True], None)):
+        state = {"best_key": None, "best_epoch": -1, "bad_epochs": 0, "dead_streak": 0}
+        cfg = TrainConfig(best_rule=rule, patience=3)
+        marks = []
+        for r in history:
+            r = dict(r)
+            assert _select_and_monitor(r, state, cfg, tmp_path) is stop
+            marks.append(r["best"])
+        assert marks == best  # v8: epoch 3's 0.90 BA loses, its Moderate recall 0.15 is under the 0.20 floor
+    state = {"best_key": None, "best_epoch": -1, "bad_epochs": 0, "dead_streak": 0}
+    reasons = [_select_and_monitor(dict(history[0], epoch=e), state, TrainConfig(patience=2), tmp_path)
+               for e in range(3)]
+    assert reasons == [None, None, "no better v8 selection metric for 2 epochs"]
+
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, swa_start=8, swa_lr=5e-6)
+    f = [lr_factor(s, 10, cfg, 1e-4) for s in range(100)]
+    assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0)  # linear warm-up over 2 epochs
+    assert f[20] == pytest.approx(1.0) and f[79] < 0.01 and all(a >= b for a, b in zip(f[20:80], f[21:80]))
+    assert f[80] == pytest.approx(0.05) and f[99] == pytest.approx(0.05)  # SWA: constant 5e-6 / 1e-4

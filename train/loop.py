@@ -89,7 +89,8 @@ def train_one_epoch(model, raw: LSDCModel, loader, opt, sched, scaler, loss_fn, 
         sched.step()  # per step: the warm-up and cosine are smooth, not staircase
         if average is not None and cfg.ema_decay is not None:
             average.update(raw)
-        total += torch.stack([loss.detach().double() * len(x), torch.tensor(float(len(x)), device=rt.device)])
+        total[0] += loss.detach() * len(x)
+        total[1] += len(x)
         if step % 10 == 0 and not bar.disable:  # .item() is a CPU-GPU sync point: not every step
             n = total[1].item()
             bar.set_postfix(loss=f"{total[0].item() / n:.4f}", samples_s=f"{n / (time.time() - t0):.1f}")
@@ -256,7 +257,7 @@ def _select_and_monitor(record: dict, state: dict, cfg: TrainConfig, run_dir: Pa
     if reason:
         events.append({"type": "stop", "fold": record["fold"], "epoch": record["epoch"], "reason": reason})
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.writelines(json.dumps(e, allow_nan=True) + "\n" for e in events)
+        f.writelines(json.dumps(_json_safe(e), allow_nan=False) + "\n" for e in events)
     return reason
 
 
@@ -362,6 +363,17 @@ def _weights_hash(model: torch.nn.Module) -> str:
     for v in model.parameters():
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _json_safe(obj):
+    """NaN/inf -> null: metrics.jsonl stays strict JSON for any reader."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _truncate_metrics(path: Path, fold: int, start: int) -> None:

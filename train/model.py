@@ -214,11 +214,14 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for avg, new in zip(self.module.state_dict().values(), model.state_dict().values()):
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+        for avg, new in pairs:
             if not avg.is_floating_point() or self.n_averaged == 0:
                 avg.copy_(new)  # counters (BN's num_batches_tracked) and the first update: take the model's
-            else:
-                avg.lerp_(new, 1 - self.decay if self.decay is not None else 1 / (self.n_averaged + 1))
+        if self.n_averaged > 0 and floats:  # one fused kernel per dtype, not one per tensor (EMA runs every step)
+            weight = 1 - self.decay if self.decay is not None else 1 / (self.n_averaged + 1)
+            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], weight)
         self.n_averaged += 1
 
     def state_dict(self) -> dict:

@@ -42,7 +42,7 @@ def _study_rng(seed: int, stream: int, index: int) -> np.random.Generator:
 
 def plan(cfg: SynthConfig) -> tuple[list[dict], list[dict]]:
     """Plans of the train and test studies (ids, phantoms, series geometry, labels, coordinates)."""
-    from prep.synth.study import new_ids, plan_real_study, plan_study
+    from prep.synth.study import new_ids, plan_real_study
 
     ids_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0]))
     taken: set[int] = set()

@@ -156,7 +156,8 @@ class Phantom:
         sign = 1.0 if side == "left" else -1.0
         if group == "foraminal":
             xf = self.foramen_x[k][SIDES.index(side)]
-            return ((ds + 3.0) / 8.0) ** 2 + ((b - self.body_ry[k] - 5.0) / 4.5) ** 2 + ((x - sign * xf) / 5.0) ** 2 <= 1
+            bf = self.body_ry[k] + 5.0
+            return ((ds + 3.0) / 8.0) ** 2 + ((b - bf) / 4.5) ** 2 + ((x - sign * xf) / 5.0) ** 2 <= 1
         br = bc - 0.1 * self.canal_d
         return (ds / 7.0) ** 2 + ((b - br) / 4.0) ** 2 + ((x - sign * self.recess_x) / 4.0) ** 2 <= 1
 

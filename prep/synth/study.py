@@ -28,7 +28,8 @@ def apply_labels(ph: Phantom, labels: dict[str, str | None], rng: np.random.Gene
         group = CONDITION_GROUP[c]
         for i, lv in enumerate(LEVELS):
             value = labels[label_column(c, lv)]
-            grade = LABELS.index(value) if value is not None else int(rng.choice(3, p=np.array(LABEL_MIX[group]) / sum(LABEL_MIX[group])))
+            mix = np.array(LABEL_MIX[group]) / sum(LABEL_MIX[group])
+            grade = LABELS.index(value) if value is not None else int(rng.choice(3, p=mix))
             g = severity(rng, grade, difficulty)
             k = FIRST_LEVEL + i
             if group == "spinal":
@@ -39,7 +40,8 @@ def apply_labels(ph: Phantom, labels: dict[str, str | None], rng: np.random.Gene
 
 
 def plan_series(ph: Phantom, rng: np.random.Generator, wanted: list[tuple[int, str]], size: tuple[int, int],
-                axial_levels: dict[int, list[str]] | None = None) -> list[Series]:
+                axial_levels: dict[int, list[str]] | None = None, axial_style: str | None = None,
+                contrast_t2: str | None = None) -> list[Series]:
     """Series for (series_id, description) pairs. Axial series split the levels between them when there are two."""
     axials = [sid for sid, d in wanted if d == "Axial T2"]
     if axial_levels is None:
@@ -52,9 +54,10 @@ def plan_series(ph: Phantom, rng: np.random.Generator, wanted: list[tuple[int, s
         if desc == "Axial T2":
             levels = axial_levels.get(sid) or list(LEVELS)
             style = str(rng.choice(["block", "two", "per_level"], p=[0.5, 0.3, 0.2]))
-            out.append(axial(ph, rng, sid, levels, style, sz))
+            out.append(axial(ph, rng, sid, levels, axial_style or style, sz))
         else:
             contrast = "T1" if desc == "Sagittal T1" else ("STIR" if rng.random() < 0.2 else "T2")
+            contrast = contrast_t2 if contrast_t2 and desc != "Sagittal T1" else contrast
             out.append(sagittal(ph, rng, sid, desc, contrast, sz))
     return out
 
@@ -93,14 +96,15 @@ def new_ids(rng: np.random.Generator, n: int, taken: set[int]) -> list[int]:
 
 
 def plan_study(rng: np.random.Generator, study_id: int, series_ids: list[int], size: tuple[int, int],
-               difficulty: float, labels: dict[str, str | None]) -> dict:
+               difficulty: float, labels: dict[str, str | None], axial_style: str | None = None,
+               contrast_t2: str | None = None, numbering: str | None = None) -> dict:
     """A synthetic study: sagittal T1, sagittal T2/STIR and one (sometimes two) axial T2 series."""
     ph = Phantom.random(rng)
     apply_labels(ph, labels, rng, difficulty)
     descs = ["Sagittal T1", "Sagittal T2/STIR", "Axial T2"] + (["Axial T2"] if len(series_ids) > 3 else [])
     wanted = sorted(zip(series_ids, descs))
-    series = plan_series(ph, rng, wanted, size)
-    numbering = {s.series_id: number(s, rng) for s in series}
+    series = plan_series(ph, rng, wanted, size, axial_style=axial_style, contrast_t2=contrast_t2)
+    numbering = {s.series_id: number(s, rng, numbering) for s in series}
     coords = []
     for c in CONDITIONS:
         for lv in LEVELS:
