@@ -114,6 +114,15 @@ def test_aggregator_starts_centre_biased_and_bias_is_log_prior(aggregator):
     assert logits.shape == (2, 3)
 
 
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "mobilenetv3_small_050"])
+def test_feature_width_is_what_the_backbone_emits(backbone):
+    # MobileNetV3 has a pre-logits conv head: its pooled output is head_hidden_size wide, not num_features.
+    model = build_model(tiny_cfg(backbone=backbone)).eval()
+    feats = model.encoder(torch.rand(2, 5, 3, 32, 32))
+    assert feats.shape == (2, 5, model.encoder.num_features)
+    assert model(torch.rand(2, 5, 3, 32, 32), torch.tensor([0, 4])).shape == (2, 3)
+
+
 def test_condition_embedding_only_with_several_conditions():
     one = build_model(tiny_cfg())
     two = build_model(tiny_cfg(conditions=(LEFT_SUB, RIGHT_SUB)))

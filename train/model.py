@@ -41,7 +41,9 @@ class SliceEncoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.channels_last = channels_last
-        self.num_features: int = backbone.num_features
+        # What forward() returns with num_classes=0: models with a pre-logits conv head (MobileNetV3, ...) emit
+        # head_hidden_size features, not num_features.
+        self.num_features: int = getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s = x.shape[:2]
