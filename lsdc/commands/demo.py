@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -11,12 +12,15 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_command(
         out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the data, caches, run and report."),
-        studies: int = typer.Option(60, "--studies", help="Synthetic training studies."),
-        epochs: int = typer.Option(8, "--epochs"),
-        seed: int = typer.Option(0, "--seed"),
-        backbone: str = typer.Option("efficientnet_b0", "--backbone", help="timm model name (trained from scratch)."),
+        studies: Optional[int] = typer.Option(None, "--studies", help="Synthetic training studies [default: 60]."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="[default: 20]"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]"),
+        backbone: Optional[str] = typer.Option(None, "--backbone",
+                                               help="timm model, trained from scratch [default: mobilenetv3_small_050]."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Processes for synth and prep [default: 2]."),
     ) -> None:
-        """Run the whole pipeline on built-in synthetic data and write OUT/demo_report.md (about 10 min on 2 cores)."""
+        """Run the whole pipeline on built-in synthetic data; writes OUT/demo_report.md (a few minutes on 2 cores)."""
         from lsdc.demo import DemoConfig, run_demo
 
-        run_demo(out, DemoConfig(studies=studies, epochs=epochs, seed=seed, backbone=backbone))
+        given = dict(studies=studies, epochs=epochs, seed=seed, backbone=backbone, workers=workers)
+        run_demo(out, DemoConfig(**{k: v for k, v in given.items() if v is not None}))
