@@ -36,7 +36,7 @@ def show(reader: CacheReader, i: int = 0, windows: list[str] | None = None, scal
     stack = reader[i]
     rec = reader.index.iloc[int(i)]
     n_slices, n_windows = stack.shape[:2]
-    windows = windows or reader.manifest.get("window_names") or [f"window {w + 1}" for w in range(n_windows)]
+    windows = windows or reader.manifest.get("window_names") or _config_window_names(reader.manifest, n_windows)
     fig = Figure(figsize=(scale * n_slices, scale * n_windows + 0.9), layout="constrained")
     axes = np.atleast_2d(fig.subplots(n_windows, n_slices))
     offsets, instances, replicated = rec["slice_offsets_mm"], rec["slice_instances"], rec["replicated"]
@@ -57,3 +57,11 @@ def show(reader: CacheReader, i: int = 0, windows: list[str] | None = None, scal
                 ax.set_ylabel(windows[w], fontsize=8)
     fig.suptitle(title(rec, stack.shape[-1]), fontsize=9)
     return fig
+
+
+def _config_window_names(manifest: dict, n_windows: int) -> list[str]:
+    """Row labels from the build config's windows (prep records name and percentiles), else 'window k'."""
+    specs = manifest.get("config", {}).get("windows") or []
+    if len(specs) == n_windows and all(isinstance(w, dict) and "name" in w for w in specs):
+        return [f"{w['name']} (p{w.get('lo', '?')}-{w.get('hi', '?')})" for w in specs]
+    return [f"window {w + 1}" for w in range(n_windows)]

@@ -36,4 +36,4 @@ def test_notebook_executes_and_shows_crops(venv_kernel: str, tmp_path: Path) -> 
     assert pngs and min(len(base64.b64decode(p)) for p in pngs) > 10_000  # a real grid, not an empty canvas
     html = "\n".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "CacheReader" in html and "Spinal Canal Stenosis" in html  # the summary rendered as HTML
-    assert code[-1].outputs[-1]["data"]["text/plain"] == "((7, 3, 64, 64), dtype('uint8'), True)"  # zarr+pyarrow
+    assert code[-1].outputs[-1]["data"]["text/plain"] == "((7, 3, 96, 96), dtype('uint8'), True)"  # zarr+pyarrow
