@@ -78,6 +78,7 @@ def run_task(task: dict[str, Any], out: str, config: dict[str, Any]) -> list[Rec
     """Executed on a worker: build one series, write its chunks, mark it done, return small records."""
     writer = cache.CacheWriter.open(out)
     records = process_series(task["series_dir"], task["samples"], PrepConfig.from_dict(config), writer.write)
+    _test_pause("task", Path(out))
     writer.save_task(task["key"], records)
     return records
 
@@ -89,15 +90,36 @@ def _failed_task(task: dict[str, Any], e: BaseException) -> list[Record]:
                  reason=f"task failed: {type(e).__name__}: {e}") for s in task["samples"]]
 
 
+_USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")  # before any nanny of this process sets it
+
+
+def local_cluster(workers: int):
+    """A LocalCluster of ``workers`` processes, one thread each: a worker holds exactly one series at a time.
+
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Any explicit value switches off glibc's dynamic
+    mmap threshold, so every MB-sized array (a decoded slice, a crop, a sample) is mmap'd and page-faulted afresh:
+    15x the page faults and ~1.5x the time per sample (docs/benchmarks.md). A worker here holds one series, so
+    trimming saves nothing; the variable is left out (unless the user set it), also from this process's environment,
+    where an earlier nanny put it and whence spawned workers would inherit it.
+    """
+    import dask
+    from dask.distributed import LocalCluster
+
+    if _USER_MALLOC_TRIM is None:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
 def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, address: str | None,
                      progress: bool) -> Iterator[tuple[dict, list[Record]]]:
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, as_completed
     from tqdm.auto import tqdm
 
     if address:
         client, cluster = Client(address), None
-    else:  # one thread per worker process: a worker holds exactly one series at a time
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    else:
+        cluster = local_cluster(workers)
         client = Client(cluster)
     try:
         futures = client.map(run_task, tasks, out=out, config=config, pure=False,
@@ -181,6 +203,7 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
         pending = [t for t in tasks if t["key"] not in done]
         if stop_after is not None:
             pending = pending[:stop_after]
+        _test_pause("plan", out)
         run = _run_local if scheduler in LOCAL_SCHEDULERS else _run_distributed
         records = [r for recs in done.values() for r in recs]
         if pending:
@@ -189,9 +212,24 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
         index, errors = _frames(records, table_errors)
         finalised = stop_after is None
         if finalised:
+            _test_pause("finalise", out)
             writer.finalise(index, errors, extra_manifest={"prep": _prep_info(data_dir, samples, index, tasks)})
     return BuildResult(out, len(samples), len(index), errors, len(tasks), len(done), time.perf_counter() - start,
                        finalised)
+
+
+def _test_pause(phase: str, out: Path) -> None:
+    """TEST-ONLY hook (tests/test_kill_resume.py), a no-op unless LSDC_TEST_PAUSE is set: with
+    LSDC_TEST_PAUSE=plan|task|finalise the build touches the file LSDC_TEST_PAUSE_FILE at that point and sleeps
+    until it is killed, so a test can kill -9 it at an exact phase. 'plan': tables read, lock held, store created,
+    no task run. 'task': a task has written its chunks but is not marked done, and another task is (so the kill
+    leaves finished, half-written and untouched tasks). 'finalise': every task done, nothing finalised."""
+    if os.environ.get("LSDC_TEST_PAUSE") != phase:
+        return
+    if phase == "task" and not any((out / cache.format.PROGRESS_DIR).glob("*.json")):
+        return
+    Path(os.environ["LSDC_TEST_PAUSE_FILE"]).touch()
+    time.sleep(3600)
 
 
 def _prep_info(data_dir: Path, samples: pd.DataFrame, index: pd.DataFrame, tasks: list) -> dict[str, Any]:

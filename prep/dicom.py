@@ -54,9 +54,16 @@ def _floats(ds: pydicom.Dataset, tag: str, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(np.isfinite(out)) else None
 
 
+def _not_empty(path: str | Path) -> None:
+    """A 0-byte file (an interrupted copy) gets its own reason instead of pydicom's 'missing DICM prefix'."""
+    if Path(path).stat().st_size == 0:
+        raise DicomError(path, "empty file (0 bytes)")
+
+
 def read_header(path: str | Path, instance_number: int | None = None) -> SliceHeader:
     """Parse one file's header only. ``instance_number`` (from the file name) is used when the tag is missing."""
     try:
+        _not_empty(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
     except FileNotFoundError:
         raise DicomError(path, "missing file") from None
@@ -64,9 +71,13 @@ def read_header(path: str | Path, instance_number: int | None = None) -> SliceHe
         raise DicomError(path, f"not a DICOM file ({e})") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # truncated or garbled header
         raise DicomError(path, f"unreadable header ({type(e).__name__}: {e})") from None
-    number = ds.get("InstanceNumber", instance_number)
+    number = ds.get("InstanceNumber")
+    number = instance_number if number is None or number == "" else number
     if number is None or ds.get("Rows") is None or ds.get("Columns") is None:
         raise DicomError(path, "header lacks InstanceNumber/Rows/Columns")
+    # Coordinates name a slice by its file name: a header claiming another number would put it in the wrong place.
+    if instance_number is not None and int(number) != instance_number:
+        raise DicomError(path, f"InstanceNumber {int(number)} in the header disagrees with the file name")
     spacing = _floats(ds, "PixelSpacing", 2)
     return SliceHeader(
         path=str(path),
@@ -88,6 +99,7 @@ def read_pixels(path: str | Path) -> np.ndarray:
     per-slice constant that would make neighbouring slices disagree.
     """
     try:
+        _not_empty(path)
         ds = pydicom.dcmread(path)
     except FileNotFoundError:
         raise DicomError(path, "missing file") from None
@@ -97,6 +109,12 @@ def read_pixels(path: str | Path) -> np.ndarray:
         raise DicomError(path, f"unreadable file ({type(e).__name__}: {e})") from None
     if "PixelData" not in ds:
         raise DicomError(path, "no pixel data")
+    # The raw element, before conversion: pydicom silently keeps the bytes a cut file still has.
+    raw = ds.get_item("PixelData")
+    declared, held = getattr(raw, "length", None), len(raw.value or b"")
+    if declared is not None and declared != 0xFFFFFFFF and declared != held:  # 0xFFFFFFFF: encapsulated
+        raise DicomError(path, f"unreadable pixel data: file truncated (PixelData declares {declared} bytes, "
+                               f"the file holds {held})")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise DicomError(path, f"not a grayscale image (SamplesPerPixel={ds.SamplesPerPixel})")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:

@@ -21,7 +21,13 @@ SERIES_COLUMNS = ("study_id", "series_id", "series_description")
 SAMPLE_COLUMNS = ("row", "study_id", "series_id", "series_description", "condition", "level", "instance_number",
                   "x", "y", "label")
 ERROR_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "path", "stage", "reason")
-_INT = re.compile(r"^[0-9]{1,19}$")  # a plain non-negative integer: no sign, no dots, no slashes
+_INT = re.compile(r"[0-9]{1,19}")  # a plain non-negative integer: no sign, dots, slashes, spaces or newline
+
+
+def is_id(text: object) -> bool:
+    """An id we may turn into a path component: ASCII digits only (fullmatch, as '$' also matches before a final
+    newline) and within int64, the index's type."""
+    return _INT.fullmatch(str(text)) is not None and int(str(text)) < 2**63
 
 
 class TableError(ValueError):
@@ -54,7 +60,7 @@ def error(path: Path | str, line: int | None, reason: str, *, stage: str = "tabl
           level: str | None = None) -> dict:
     """One errors-table row; ids are kept only when they are valid integers."""
     def as_id(v: object) -> int | None:
-        return int(v) if v is not None and _INT.match(str(v)) else None
+        return int(v) if v is not None and is_id(v) else None
 
     where = f"{path}:{line}" if line is not None else str(path)
     return dict(study_id=as_id(study_id), series_id=as_id(series_id), instance_number=as_id(instance_number),
@@ -62,7 +68,7 @@ def error(path: Path | str, line: int | None, reason: str, *, stage: str = "tabl
 
 
 def _bad_ids(row: tuple, names: tuple[str, ...]) -> str | None:
-    bad = [f"{n} {getattr(row, n)!r}" for n in names if not _INT.match(str(getattr(row, n)))]
+    bad = [f"{n} {getattr(row, n)!r}" for n in names if not is_id(getattr(row, n))]
     return f"{', '.join(bad)} not a non-negative integer id" if bad else None
 
 

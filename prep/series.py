@@ -54,18 +54,20 @@ class SeriesReader:
         self.headers = headers
         self.pixels: dict[str, np.ndarray] = {}
         self.failed: dict[str, DicomError] = {}
+        self._number = {h.path: h.instance_number for h in headers}
 
     def stack(self, instance_number: int, slices: int) -> tuple[Stack, dict[str, np.ndarray]]:
         """The stack around an instance with every slice decoded. A neighbour that fails to decode is dropped from
         the series (reported once) and the stack is taken again, so a bad file never becomes a black slice."""
         while True:
+            # Dropped earlier as another sample's neighbour: still this file's decode error, not "not in series".
+            dropped = [e for path, e in self.failed.items() if self._number[path] == instance_number]
+            if dropped:
+                raise SampleError("decode", f"labelled instance: {dropped[0].reason}", dropped[0].path)
             stack = stack_around(self.headers, instance_number, slices)
             bad = [h for h in dict.fromkeys(stack.slices) if not self._decode(h)]
             if not bad:
                 return stack, {h.path: self.pixels[h.path] for h in stack.slices}
-            if any(h.instance_number == instance_number for h in bad):
-                e = self.failed[bad[0].path]
-                raise SampleError("decode", f"labelled instance: {e.reason}", e.path)
             self.headers = [h for h in self.headers if h not in bad]
 
     def _decode(self, h: SliceHeader) -> bool:

@@ -98,8 +98,11 @@ def make_loader(dataset: CacheDataset, batch_size: int, workers: int, train: boo
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=False) if train else None
     workers = 0 if dataset.images is not None else workers
+    # Its own generator: each new iterator (and each epoch of persistent workers) draws a worker seed from it, which
+    # from the global RNG would shift dropout's stream depending on when the workers were started (a resume).
+    generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False)
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False, generator=generator)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, image_size: int | None = None

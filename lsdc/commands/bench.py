@@ -1,7 +1,134 @@
-"""`lsdc bench ...`."""
+"""`lsdc bench prep|load|train`: throughput figures as ratios measured in one run (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: cache build, loader and training throughput.")
+
+OUT_HELP = "Write the full result as JSON here."
+REPORT_HELP = "Update this Markdown file's section for this bench (e.g. docs/benchmarks.md)."
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command that reproduces a result: the real argv when run from the shell, else the parameters."""
+    words = ctx.command_path.split()[1:]  # e.g. ['bench', 'prep']
+    if sys.argv[1:1 + len(words)] == words:
+        return shlex.join(["lsdc", *sys.argv[1:]])
+    args = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in ctx.params.items()
+            if v not in (None, False) and k not in ("data_dir", "cache_path")]
+    first = ctx.params.get("data_dir") or ctx.params.get("cache_path")
+    return " ".join(["lsdc", *words, shlex.quote(str(first)), *args])
+
+
+def _finish(result: dict, out: Optional[Path], report: Optional[Path]) -> None:
+    from lsdc.bench.common import write_json
+    from lsdc.bench.report import summary, update_report
+
+    if out is not None:
+        write_json(out, result)
+    if report is not None:
+        update_report(report, result)
+    typer.echo(summary(result))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command("prep")
+def prep(
+    ctx: typer.Context,
+    data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Competition layout (e.g. lsdc synth)."),
+    studies: Optional[int] = typer.Option(None, help="Only the first N studies."),
+    conditions: Optional[str] = typer.Option(None, help="Conditions, slugs or groups (default all)."),
+    slices: int = typer.Option(7, help="Slices per stack."),
+    size: int = typer.Option(256, help="Crop side in pixels."),
+    workers: int = typer.Option(2, min=1, help="Workers of the parallel build (compared with 1)."),
+    repeat: int = typer.Option(1, min=1, help="Repeat the timed runs; the result gives each ratio's spread."),
+    v8_samples: Optional[int] = typer.Option(None, help="Time the v8-style epoch on N samples and extrapolate."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Also build half the studies: memory growth."),
+    dask_env: bool = typer.Option(True, "--dask-env/--no-dask-env",
+                                  help="Also build once with dask's default worker environment (what it costs)."),
+    work: Optional[Path] = typer.Option(None, help="Folder for the bench caches (default: a temp folder)."),
+    keep: bool = typer.Option(False, help="Keep the bench caches."),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    report: Optional[Path] = typer.Option(None, help=REPORT_HELP),
+) -> None:
+    """Cache build samples/s vs its unavoidable work and a v8-style epoch; 1 vs N workers; worker memory."""
+    from lsdc.bench.prep_bench import bench_prep
+    from prep.config import PrepConfig, parse_conditions
+
+    config = PrepConfig(studies=studies, slices=slices, size=size,
+                        conditions=parse_conditions(conditions) if conditions else PrepConfig().conditions)
+    result = bench_prep(data_dir, config, workers=workers, repeat=repeat, v8_samples=v8_samples, memory_check=memory,
+                        dask_env_check=dask_env, work_dir=work, keep=keep, command=_command_line(ctx))
+    _finish(result, out, report)
+
+
+@app.command("load")
+def load(
+    ctx: typer.Context,
+    cache_path: Path = typer.Argument(..., exists=True, file_okay=False, help="A finalised cache."),
+    workers: str = typer.Option("0,1,2", help="DataLoader worker counts to measure."),
+    batch_size: int = typer.Option(12, min=1, help="Batch size (v8: 12)."),
+    samples: Optional[int] = typer.Option(None, help="Read only N samples (default all)."),
+    v8_samples: int = typer.Option(48, min=0, help="Samples for the v8-style loader (0 = skip it)."),
+    v8_workers: Optional[str] = typer.Option(None, help="Worker counts for the v8-style loader (default --workers)."),
+    data: Optional[Path] = typer.Option(None, help="DICOM folder for the v8-style loader (default: the manifest's)."),
+    repeat: int = typer.Option(1, min=1, help="Repeat the runs; the result gives each ratio's spread."),
+    passes: int = typer.Option(3, min=1, help="Passes per run; each figure keeps its best (noisy machines)."),
+    in_memory: bool = typer.Option(True, "--in-memory/--no-in-memory", help="Also time train's in-memory mode."),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    report: Optional[Path] = typer.Option(None, help=REPORT_HELP),
+) -> None:
+    """train.data's loader for 0..N workers vs a raw read of the same chunks vs a v8-style on-the-fly loader."""
+    from lsdc.bench.load_bench import bench_load
+
+    result = bench_load(cache_path, workers=_ints(workers), batch_size=batch_size, samples=samples,
+                        v8_samples=v8_samples, v8_workers=_ints(v8_workers) if v8_workers else None, data_dir=data,
+                        repeat=repeat, passes=passes, in_memory=in_memory, command=_command_line(ctx))
+    _finish(result, out, report)
+
+
+@app.command("train")
+def train(
+    ctx: typer.Context,
+    cache_path: Path = typer.Argument(..., exists=True, file_okay=False, help="A finalised cache."),
+    backbone: str = typer.Option("tf_efficientnetv2_s", help="timm backbone (random weights: speed only)."),
+    image_size: int = typer.Option(256, min=16, help="Input size (resized on the device when not the cache's)."),
+    batch_size: int = typer.Option(12, min=1, help="Batch size (v8: 12)."),
+    steps: int = typer.Option(20, min=1, help="Timed training steps."),
+    warmup: int = typer.Option(3, min=0, help="Untimed steps first (cuDNN autotuning, allocator, compile)."),
+    workers: int = typer.Option(2, min=0, help="DataLoader workers."),
+    device: str = typer.Option("auto", help="'auto', 'cuda', 'cuda:1' or 'cpu'."),
+    amp: str = typer.Option("auto", help="'auto' (bf16 on GPUs that have it), 'bf16', 'fp16' or 'off'."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="NHWC memory layout."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
+    conditions: Optional[str] = typer.Option(None, help="Conditions to train (default: all in the cache)."),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    report: Optional[Path] = typer.Option(None, help=REPORT_HELP),
+) -> None:
+    """Training samples/s of the real model, and loader headroom (loader samples/s / what the model consumes)."""
+    from lsdc.bench.train_bench import bench_train
+
+    chosen = None
+    if conditions:
+        from cache.rsna import CONDITION_GROUP, CONDITIONS, slug
+
+        parts = [p.strip() for p in conditions.split(",") if p.strip()]
+        chosen = tuple(c for c in CONDITIONS if any(p in (c, slug(c), CONDITION_GROUP[c]) for p in parts))
+        if not chosen:
+            raise typer.BadParameter(f"no known condition in {conditions!r}")
+    result = bench_train(cache_path, backbone=backbone, image_size=image_size, batch_size=batch_size, steps=steps,
+                         warmup=warmup, workers=workers, device=device, amp=amp, channels_last=channels_last,
+                         compile=compile, conditions=chosen, command=_command_line(ctx))
+    _finish(result, out, report)

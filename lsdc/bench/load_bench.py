@@ -1,0 +1,192 @@
+"""`lsdc bench load CACHE`: train.data's real loader against a raw read of the same chunks and the v8-style loader.
+
+  raw_zarr    plain `zarr` array[row] over the samples, one process: the floor any loader sits on
+  reader      cache.open(...)[i] (adds the chunk-exists check that turns a lost file into an error)
+  loader_wK   train.data.CacheDataset + make_loader (shuffled, batches, K worker processes), steady-state epoch
+  in_memory   the same loader after CacheDataset.load_into_memory (train's 'auto' mode when the samples fit in RAM)
+  v8_wK       lsdc.bench.v8_loader.V8Dataset in a DataLoader with K workers (decodes 7 DICOM files per sample)
+
+All read the same samples in the same shuffled order; ratios are formed within one run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsdc.bench.common import log, machine_info, ratio, spread
+
+TARGETS = {"loader_over_raw": (">=", 0.8), "cached_over_v8": (">=", 30.0)}
+
+
+def raw_read(path: str, rows: np.ndarray) -> dict[str, Any]:
+    import zarr
+
+    crops = zarr.open_array(str(path), path="crops", mode="r")
+    crops[int(rows[0])]  # the first read of a fresh handle sets up zarr's codec pipeline: not a per-sample cost
+    t0, total = time.perf_counter(), 0
+    for r in rows:
+        total += int(crops[int(r)][0, 0, 0, 0])  # touch the result so nothing is optimised away
+    return _rate(len(rows), time.perf_counter() - t0)
+
+
+def reader_read(reader, positions: np.ndarray) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    for i in positions:
+        reader[int(i)]
+    return _rate(len(positions), time.perf_counter() - t0)
+
+
+def loader_epochs(dataset, batch_size: int, workers: int, epochs: int = 2) -> dict[str, Any]:
+    """Iterate train's real DataLoader; the first epoch pays the worker start-up, the best later one is the steady
+    state (best of several: on a shared machine the slow epochs measure the neighbours, not the loader)."""
+    from train.data import make_loader
+
+    loader = make_loader(dataset, batch_size, workers, train=True, seed=0)
+    times = [_epoch(loader, epoch)[1] for epoch in range(epochs)]
+    del loader  # persistent workers end here
+    out = _rate(len(dataset), min(times[1:] or times))
+    out.update(first_epoch_s=times[0], workers=workers, epochs=epochs)
+    return out
+
+
+def _epoch(loader, epoch: int) -> tuple[int, float]:
+    loader.sampler.set_epoch(epoch)
+    t0, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch["image"])
+    return n, time.perf_counter() - t0
+
+
+def interleaved(reader, dataset, path: str, rows: np.ndarray, order: np.ndarray, batch_size: int,
+                passes: int) -> dict[str, Any]:
+    """Raw zarr, the cache reader and the 0-worker train loader, pass after pass, so a burst of load from a
+    neighbour hits all three alike; each keeps its best pass."""
+    from train.data import make_loader
+
+    loader = make_loader(dataset, batch_size, 0, train=True, seed=0)
+    _epoch(loader, 0)  # warm the page cache and every code path once
+    best: dict[str, dict[str, Any]] = {}
+    for p in range(passes):
+        n, seconds = _epoch(loader, p + 1)
+        measured = {"raw_zarr": raw_read(path, rows), "reader": reader_read(reader, order),
+                    "loader_w0": {**_rate(n, seconds), "workers": 0}}
+        for key, m in measured.items():
+            if key not in best or m["samples_per_s"] > best[key]["samples_per_s"]:
+                best[key] = {**m, "passes": passes}
+    return best
+
+
+def v8_epoch(data_dir: Path, index, split: str, batch_size: int, workers: int) -> dict[str, Any]:
+    """One epoch of the v8-style Dataset through a torch DataLoader (its notebook used 2 workers)."""
+    from torch.utils.data import DataLoader
+
+    from lsdc.bench.v8_loader import V8Dataset
+
+    loader = DataLoader(V8Dataset(data_dir, index, split), batch_size=batch_size, shuffle=True, num_workers=workers)
+    t0, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch["image"])
+    out = _rate(n, time.perf_counter() - t0)  # includes worker start-up: the notebook paid it every epoch too
+    out["workers"] = workers
+    return out
+
+
+def bench_load(cache_path: str | Path, *, workers: tuple[int, ...] = (0, 1, 2), batch_size: int = 12,
+               samples: int | None = None, v8_samples: int | None = 48, v8_workers: tuple[int, ...] | None = None,
+               data_dir: str | Path | None = None, repeat: int = 1, passes: int = 3, in_memory: bool = True,
+               command: str | None = None) -> dict[str, Any]:
+    """Run the loader benchmark on an existing cache; the v8 part needs the DICOM folder the cache was built from
+    (``data_dir``, default the one in the manifest). ``samples``/``v8_samples`` limit how many are read; each
+    cached figure is the best of ``passes`` passes."""
+    import torch
+
+    import cache
+    from cache.rsna import CONDITIONS
+    from train.data import CacheDataset
+
+    torch.set_num_threads(1)  # a loader's job is I/O and decoding; keep the comparison to one core per process
+    reader = cache.open(cache_path)
+    rng = np.random.default_rng(0)
+    n = len(reader) if samples is None else min(samples, len(reader))
+    positions = np.sort(rng.permutation(len(reader))[:n])
+    conditions = tuple(c for c in CONDITIONS if c in set(reader.index["condition"]))
+    order = rng.permutation(positions)
+    rows = reader.index["row"].to_numpy()[order]
+    result: dict[str, Any] = {"bench": "load", "command": command, "machine": machine_info(),
+                              "cache": str(Path(cache_path).resolve()), "samples": n, "batch_size": batch_size,
+                              "sample_shape": list(reader.shape), "codec": reader.manifest["array"].get("codec"),
+                              "disk": reader.disk_usage()}
+    data_dir = Path(data_dir) if data_dir else _data_dir_of(reader)
+    v8_workers = tuple(workers if v8_workers is None else v8_workers)
+    runs = []
+    for r in range(repeat):
+        run: dict[str, Any] = {}
+        dataset = CacheDataset(reader, positions, conditions)
+        log(f"bench load: repeat {r + 1}/{repeat}: raw reads, reader and 0-worker loader, interleaved")
+        run.update(interleaved(reader, dataset, reader.path, rows, order, batch_size, passes))
+        for w in workers:
+            if w > 0:
+                log(f"bench load: repeat {r + 1}/{repeat}: train loader, {w} workers")
+                run[f"loader_w{w}"] = loader_epochs(dataset, batch_size, w, epochs=1 + passes)
+        if in_memory:
+            t0 = time.perf_counter()
+            dataset.load_into_memory()
+            load_s = time.perf_counter() - t0
+            run["in_memory"] = loader_epochs(dataset, batch_size, 0, epochs=1 + passes)
+            run["in_memory"]["load_s"] = load_s
+        if data_dir is not None and v8_samples:
+            sub = reader.index.iloc[order[:v8_samples]]
+            for w in v8_workers:
+                log(f"bench load: repeat {r + 1}/{repeat}: v8-style loader, {w} workers, {len(sub)} samples")
+                split = reader.manifest["config"].get("split", "train")
+                epochs = [v8_epoch(data_dir, sub, split, batch_size, w) for _ in range(passes)]
+                run[f"v8_w{w}"] = {**max(epochs, key=lambda d: d["samples_per_s"]), "passes": passes}
+        run["ratios"] = _ratios(run, workers, v8_workers)
+        runs.append(run)
+    result["v8_data_dir"] = str(data_dir) if data_dir else None
+    result["runs"] = runs
+    keys = dict.fromkeys(k for run in runs for k in run["ratios"])
+    result["ratios"] = {k: spread(run["ratios"][k] for run in runs) for k in keys}
+    result["targets"] = _targets(result, workers, v8_workers)
+    result["machine_end"] = {"load_avg": machine_info()["load_avg"]}
+    return result
+
+
+def _data_dir_of(reader) -> Path | None:
+    d = (reader.manifest.get("prep") or {}).get("data_dir")
+    return Path(d) if d and Path(d).is_dir() else None
+
+
+def _rate(n: int, seconds: float) -> dict[str, Any]:
+    return {"samples": n, "seconds": seconds, "samples_per_s": n / seconds if seconds > 0 else float("nan")}
+
+
+def _ratios(run: dict, workers: tuple[int, ...], v8_workers: tuple[int, ...]) -> dict[str, float]:
+    raw = run["raw_zarr"]["samples_per_s"]
+    out = {"reader_over_raw": ratio(run["reader"]["samples_per_s"], raw)}
+    for w in sorted({0, *workers}):
+        out[f"loader_w{w}_over_raw"] = ratio(run[f"loader_w{w}"]["samples_per_s"], raw)
+    if "in_memory" in run:
+        out["in_memory_over_raw"] = ratio(run["in_memory"]["samples_per_s"], raw)
+    for w in v8_workers:  # a cached epoch against a v8 epoch with the same number of loader workers
+        if f"v8_w{w}" in run and f"loader_w{w}" in run:
+            out[f"cached_over_v8_w{w}"] = ratio(run[f"loader_w{w}"]["samples_per_s"], run[f"v8_w{w}"]["samples_per_s"])
+    return out
+
+
+def _targets(result: dict, workers: tuple[int, ...], v8_workers: tuple[int, ...]) -> dict[str, Any]:
+    from lsdc.bench.prep_bench import _verdict
+
+    r = result["ratios"]
+    out = {}
+    # the loader's own overhead, without worker processes to hide it
+    out["loader_over_raw"] = _verdict(r["loader_w0_over_raw"]["median"], *TARGETS["loader_over_raw"])
+    cached = [k for k in r if k.startswith("cached_over_v8_w")]
+    if cached:
+        worst = min(r[k]["median"] for k in cached)
+        out["cached_over_v8"] = _verdict(worst, *TARGETS["cached_over_v8"])
+    return out

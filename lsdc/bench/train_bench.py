@@ -1,0 +1,212 @@
+"""`lsdc bench train CACHE`: how many samples/s the real model trains at, and whether the loader keeps up.
+
+  loader       train.data's loader alone (the configured workers, pinned memory on a GPU), steady state
+  model        training steps on a few batches already on the device: what the GPU (or CPU) consumes
+  end_to_end   training steps fed by the loader, as train.loop does it, with GPU utilisation sampled meanwhile
+  headroom     loader samples/s / model samples/s (target >= 1.5 on a GPU: the GPU never waits on the CPU)
+
+The step is train.loop's: uint8 -> float on the device, GPU augmentation, autocast (bf16 on GPUs that have it),
+channels_last, weighted CE, grad-norm clip, AdamW.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lsdc.bench.common import log, machine_info, ratio
+
+TARGETS = {"loader_headroom": (">=", 1.5)}
+
+
+class GpuSampler(threading.Thread):
+    """Samples GPU utilisation (%) every `interval` s: torch.cuda.utilization (pynvml) or nvidia-smi."""
+
+    def __init__(self, device_index: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.index, self.interval, self.samples = device_index, interval, []
+        self.stop_event = threading.Event()
+
+    def read(self) -> float | None:
+        import torch
+
+        try:
+            return float(torch.cuda.utilization(self.index))
+        except Exception:  # noqa: BLE001 - pynvml missing or NVML refusing (its own error types): ask the CLI
+            if shutil.which("nvidia-smi") is None:
+                return None
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                  "-i", str(self.index)], capture_output=True, text=True, timeout=5)
+            return float(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            value = self.read()
+            if value is not None:
+                self.samples.append(value)
+
+    def stop(self) -> dict[str, Any]:
+        self.stop_event.set()
+        self.join(timeout=5)
+        s = self.samples
+        return {"mean": sum(s) / len(s), "min": min(s), "max": max(s), "n": len(s)} if s else {"n": 0}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are asynchronous: time only finished work
+
+
+def bench_train(cache_path: str | Path, *, backbone: str = "tf_efficientnetv2_s", image_size: int | None = 256,
+                batch_size: int = 12, steps: int = 20, warmup: int = 3, workers: int = 2, device: str = "auto",
+                amp: str = "auto", channels_last: bool = True, compile: bool = False,
+                conditions: tuple[str, ...] | None = None, command: str | None = None) -> dict[str, Any]:
+    """Time `steps` training steps (after `warmup`) of the real model on an existing cache."""
+    import numpy as np
+    import torch
+
+    import cache
+    from train.config import TrainConfig
+    from train.data import CacheDataset, make_loader, select_samples
+    from train.loop import make_optimizer, resolve_config
+    from train.losses import WeightedFocalCE
+    from train.model import build_model
+    from train.runtime import setup_runtime
+
+    reader = cache.open(cache_path)
+    conditions = conditions or tuple(dict.fromkeys(reader.index["condition"]))
+    cfg = resolve_config(TrainConfig(conditions=conditions, backbone=backbone, pretrained=False, image_size=image_size,
+                                     batch_size=batch_size, workers=workers, device=device, amp=amp,
+                                     channels_last=channels_last, compile=compile, in_memory=False,
+                                     freeze_epochs=0, swa_start=None), reader)
+    rt = setup_runtime(cfg.device, cfg.amp)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    dataset = CacheDataset(reader, select_samples(reader.index, cfg.conditions), cfg.conditions)
+    loader = make_loader(dataset, cfg.batch_size, cfg.workers, train=True, seed=cfg.seed,
+                         pin_memory=rt.device.type == "cuda")
+    counts = np.bincount(dataset.label, minlength=3)
+    model = build_model(cfg, torch.tensor(counts / counts.sum())).to(rt.device)
+    step_fn = _Step(model, cfg, rt, make_optimizer(model, cfg, steps_per_epoch=max(1, steps))[0],
+                    WeightedFocalCE(cfg.class_weights, cfg.focal_gamma).to(rt.device))
+    result: dict[str, Any] = {
+        "bench": "train", "command": command, "machine": machine_info(), "cache": str(Path(cache_path).resolve()),
+        "device": str(rt.device), "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} torch threads)", "amp": str(rt.amp_dtype), "backbone": cfg.backbone,
+        "image_size": cfg.image_size, "slices": cfg.slices, "batch_size": cfg.batch_size, "workers": cfg.workers,
+        "channels_last": cfg.channels_last, "compile": cfg.compile, "samples_in_cache": len(dataset),
+        "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6, "steps": steps, "warmup": warmup}
+
+    log("bench train: loader alone")
+    result["loader"] = _loader_rate(loader, batches=max(steps, 2 * len(loader)))
+    log("bench train: model on device-resident batches")
+    batches = [b for _, b in zip(range(4), _forever(loader))]
+    result["model"] = _model_rate(step_fn, batches, steps, warmup, rt)
+    log("bench train: end to end")
+    result["end_to_end"] = _end_to_end(step_fn, loader, steps, rt)
+    if rt.device.type == "cuda":
+        result["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+    result["ratios"] = {
+        "loader_headroom": ratio(result["loader"]["samples_per_s"], result["model"]["samples_per_s"]),
+        "end_to_end_over_model": ratio(result["end_to_end"]["samples_per_s"], result["model"]["samples_per_s"]),
+    }
+    from lsdc.bench.prep_bench import _verdict
+
+    verdict = _verdict(result["ratios"]["loader_headroom"], *TARGETS["loader_headroom"])
+    verdict["applies"] = rt.device.type == "cuda"  # the target is about feeding a GPU; on a CPU it is informative
+    result["targets"] = {"loader_headroom": verdict}
+    result["machine_end"] = {"load_avg": machine_info()["load_avg"]}
+    return result
+
+
+class _Step:
+    """One optimisation step exactly as train.loop.train_one_epoch takes it."""
+
+    def __init__(self, model, cfg, rt, opt, loss_fn):
+        import torch
+
+        self.model, self.cfg, self.rt, self.opt, self.loss_fn = model, cfg, rt, opt, loss_fn
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
+        self.gen = torch.Generator(device=rt.device)
+        self.gen.manual_seed(cfg.seed)
+        self.forward = torch.compile(model) if cfg.compile else model
+        model.train()
+
+    def __call__(self, batch: dict, on_device: bool = False) -> None:
+        import torch
+
+        from train.augment import augment_batch
+        from train.data import to_device
+
+        b = batch if on_device else to_device(batch, self.rt.device, self.cfg.image_size)
+        x, condition = augment_batch(b["image"], b["condition"], self.cfg, self.gen)
+        with self.rt.autocast():
+            logits = self.forward(x, b["level"], condition)
+        loss = self.loss_fn(logits, b["label"])
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _loader_rate(loader, batches: int) -> dict[str, Any]:
+    """Samples/s of the loader alone, after one batch (worker start-up) and with the real batch size."""
+    it = _forever(loader)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for _, batch in zip(range(batches), it):
+        n += len(batch["image"])
+    seconds = time.perf_counter() - t0
+    return {"samples": n, "seconds": seconds, "samples_per_s": n / seconds}
+
+
+def _model_rate(step_fn: _Step, batches: list[dict], steps: int, warmup: int, rt) -> dict[str, Any]:
+    from train.data import to_device
+
+    on_device = [to_device(b, rt.device, step_fn.cfg.image_size) for b in batches]
+    for i in range(warmup):  # cuDNN autotuning, allocator growth, compile
+        step_fn(on_device[i % len(on_device)], on_device=True)
+    _sync(rt.device)
+    t0, n = time.perf_counter(), 0
+    for i in range(steps):
+        b = on_device[i % len(on_device)]
+        step_fn(b, on_device=True)
+        n += len(b["image"])
+    _sync(rt.device)
+    seconds = time.perf_counter() - t0
+    return {"samples": n, "seconds": seconds, "samples_per_s": n / seconds, "step_s": seconds / steps}
+
+
+def _end_to_end(step_fn: _Step, loader, steps: int, rt) -> dict[str, Any]:
+    sampler = GpuSampler(rt.device.index or 0) if rt.device.type == "cuda" else None
+    it = _forever(loader)
+    step_fn(next(it))  # the first batch pays the loader's start-up, as in any epoch
+    _sync(rt.device)
+    if sampler:
+        sampler.start()
+    t0, n = time.perf_counter(), 0
+    for _, batch in zip(range(steps), it):
+        step_fn(batch)
+        n += len(batch["image"])
+    _sync(rt.device)
+    seconds = time.perf_counter() - t0
+    out = {"samples": n, "seconds": seconds, "samples_per_s": n / seconds}
+    if sampler:
+        out["gpu_utilisation"] = sampler.stop()
+    return out

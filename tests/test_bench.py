@@ -1,0 +1,153 @@
+"""`lsdc bench`: the results' structure and counts on tiny data (never timings), the v8 stand-in's documented bugs,
+the plain loop's crops bit-identical to the build's, and the Markdown report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from prep_fixtures import phantom, write_dataset, write_series
+
+from lsdc.bench.report import render, update_report
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("bench_data"), studies=3, slices=9, size=64)
+
+
+@pytest.fixture(scope="module")
+def prep_result(data, tmp_path_factory) -> tuple[dict, Path]:
+    from lsdc.bench.prep_bench import bench_prep
+    from prep.config import PrepConfig
+
+    work = tmp_path_factory.mktemp("bench_work")
+    result = bench_prep(data, PrepConfig(size=32, slices=3), workers=2, repeat=2, dask_env_check=False,
+                        work_dir=work, keep=True, command="lsdc bench prep DATA")
+    return result, work
+
+
+def test_prep_bench_counts_and_identical_crops(prep_result):
+    result, work = prep_result
+    assert result["samples"] == 15 and result["studies"] == 3 and result["series"] == 3
+    assert len(result["runs"]) == 2
+    for run in result["runs"]:
+        # the plain loop, the v8 epoch and every build processed the same 15 samples
+        assert run["plain"]["samples"] == 15 and run["plain"]["failed"] == {}
+        assert run["v8"]["samples"] == 15 and not run["v8"]["extrapolated"]
+        assert set(run["build"]) == {"1", "2"}
+        for w, b in run["build"].items():
+            assert b["samples"] == b["candidates"] == 15 and b["errors"] == 0 and b["tasks"] == 3
+            assert len(b["worker_peak_mb"]) == len(b["worker_cpu_s"]) == int(w)
+            assert all(p >= i > 0 for p, i in zip(b["worker_peak_mb"], b["worker_idle_mb"]))
+        # every ratio is formed from the same run's own times
+        r = run["ratios"]
+        assert r["build_over_plain"] == pytest.approx(run["build"]["1"]["total_s"] / run["plain"]["seconds"])
+        assert r["speedup_2_workers"] == pytest.approx(run["build"]["1"]["total_s"] / run["build"]["2"]["total_s"])
+        assert r["build_over_v8_epoch"] == pytest.approx(run["build"]["1"]["total_s"] / run["v8"]["epoch_s"])
+        assert set(run["plain"]["stages_s"]) == {"headers", "decode", "window_bounds", "crop_resize", "window",
+                                                  "clahe", "encode_write"}
+    spread = result["ratios"]["build_over_plain"]
+    assert spread["n"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert result["crops"]["identical"] and result["crops"]["rows_compared"] == 15
+    assert result["crops"]["mismatched_rows"] == [] and result["crops"]["pixels_equal"]
+    assert result["memory"]["small"]["samples"] == 5 and result["memory"]["large"]["samples"] == 15
+    assert set(result["targets"]) == {"build_over_plain", "build_over_v8_epoch", "worker_peak_mb",
+                                      "speedup_2_workers"}
+    assert all(isinstance(t["met"], bool) for t in result["targets"].values())
+    json.dumps(result)  # the --out file must be plain JSON
+
+
+def test_plain_loop_chunks_equal_build_chunks(prep_result):
+    """Pixel for pixel, every sample: the plain loop does exactly the build's work."""
+    import zarr
+
+    import cache
+
+    _, work = prep_result
+    built = cache.open(work / "build1")
+    plain = zarr.open_array(str(work / "plain"), path="crops", mode="r")
+    for row in built.index["row"]:
+        assert np.array_equal(plain[int(row)], built.read_row(int(row)))
+    two = cache.open(work / "build2")
+    assert list(two.index["checksum"]) == list(built.index["checksum"])
+
+
+def test_v8_loader_reproduces_the_notebook_bugs(tmp_path):
+    from lsdc.bench.v8_loader import V8Dataset
+
+    series = tmp_path / "train_images" / "7" / "70"
+    write_series(series, [phantom(64, seed=k) for k in range(5)], [1, 2, 3, 4, 5])
+    samples = pd.DataFrame({"study_id": [7], "series_id": [70], "instance_number": [2], "x": [30.0], "y": [40.0],
+                            "label": pd.array([1], dtype="Int8")})
+    item = V8Dataset(tmp_path, samples)[0]
+    image = item["image"]
+    assert image.shape == (7, 3, 256, 256) and image.dtype == np.uint8 and item["label"] == 1
+    # instances -1 and 0 do not exist: black slices, silently (bug 6); 1..5 are real
+    assert not image[:2].any() and all(image[s].any() for s in range(2, 7))
+    # CLAHE on a grey mix copied to 3 channels: the "3 windows" are one channel three times (bug 1)
+    assert np.array_equal(image[:, 0], image[:, 1]) and np.array_equal(image[:, 0], image[:, 2])
+    # a 64 px image with a 192 px half-size box: the crop is the whole image, stretched (bug 4)
+    assert image[3, 0].std() > 0
+
+
+def test_load_bench_and_cli_report(prep_result, tmp_path):
+    from lsdc.cli import app
+
+    _, work = prep_result
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nHand-written prose that must survive.\n")
+    out = tmp_path / "load.json"
+    args = ["bench", "load", str(work / "build1"), "--workers", "0,1", "--v8-samples", "4", "--out", str(out),
+            "--report", str(doc)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert result["samples"] == 15 and result["sample_shape"] == [3, 3, 32, 32]
+    for key in ("raw_zarr", "reader", "loader_w0", "loader_w1", "in_memory"):
+        assert run[key]["samples"] == 15, key
+    assert run["v8_w0"]["samples"] == run["v8_w1"]["samples"] == 4
+    assert run["ratios"]["loader_w0_over_raw"] == pytest.approx(
+        run["loader_w0"]["samples_per_s"] / run["raw_zarr"]["samples_per_s"])
+    assert set(result["targets"]) == {"loader_over_raw", "cached_over_v8"}
+    # the report: one section, replaced (not duplicated) on a second update, the prose kept
+    assert runner.invoke(app, args).exit_code == 0
+    text = doc.read_text()
+    assert text.count("<!-- lsdc-bench:load:start -->") == 1 and "Hand-written prose that must survive." in text
+    assert "lsdc bench load" in text and "train loader (0 workers) / raw zarr read" in text
+
+
+def test_train_bench_counts(prep_result):
+    from lsdc.bench.train_bench import bench_train
+
+    _, work = prep_result
+    result = bench_train(work / "build1", backbone="test_efficientnet", image_size=32, batch_size=4, steps=2,
+                         warmup=1, workers=0, device="cpu")
+    assert result["device"] == "cpu" and result["slices"] == 3 and result["image_size"] == 32
+    assert result["model"]["samples"] == result["end_to_end"]["samples"] == 8
+    assert result["loader"]["samples"] >= 15
+    assert result["ratios"]["loader_headroom"] == pytest.approx(
+        result["loader"]["samples_per_s"] / result["model"]["samples_per_s"])
+    assert result["targets"]["loader_headroom"]["applies"] is False  # a GPU target, recorded but not judged on CPU
+    assert "Training (CPU)" in render(result)
+
+
+def test_report_appends_sections_per_bench(tmp_path):
+    doc = tmp_path / "b.md"
+    base = {"machine": {"cpu": "X", "cores": 2, "ram_gb": 1.0, "load_avg": [0.5, 0, 0], "python": "3.11"},
+            "ratios": {"reader_over_raw": {"min": 0.9, "median": 1.0, "max": 1.1, "n": 3, "max_over_min": 1.2}},
+            "targets": {}, "command": "lsdc bench load C", "samples": 1, "batch_size": 1,
+            "runs": [{"raw_zarr": {"samples_per_s": 1.0, "samples": 1}, "ratios": {}}]}
+    update_report(doc, {**base, "bench": "load"})
+    update_report(doc, {**base, "bench": "load"})
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and text.count("lsdc-bench:load:start") == 1
+    assert "| cache.open(...)[i] / raw zarr read | **1.00** | 0.90 – 1.10 | 3 |" in text
