@@ -290,3 +290,12 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
 def not_finalised_message(where: str) -> str:
     return (f"cache at {where} was not finalised: the build was interrupted or is still running; "
             "rerun `lsdc prep` with the same settings to finish it")
+
+
+def chunk_row(name: str) -> int | None:
+    """The row of a crop chunk file name 'c.{row}.0.0.0.0'; None for anything else (e.g. zarr's '*.partial' temp
+    files left by a killed write, which are not data)."""
+    parts = name.rsplit("/", 1)[-1].split(".")
+    if len(parts) == 6 and parts[0] == "c" and all(p.isdigit() for p in parts[1:]):
+        return int(parts[1])
+    return None

@@ -39,3 +39,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of an append-only JSON-lines file. A process killed mid-append leaves at most its last line torn: that
+    line is dropped (its epoch is redone on resume); a broken line anywhere else is real corruption and raises."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    records = []
+    for i, ln in enumerate(lines):
+        try:
+            records.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from None
+    return records
+
+
+def progress_enabled(progress: bool | None = None) -> bool:
+    """Progress bars on unless switched off by the caller or by LSDC_NO_PROGRESS=1/true/yes (tests set it)."""
+    if progress is not None:
+        return progress
+    return os.environ.get("LSDC_NO_PROGRESS", "").strip().lower() not in ("1", "true", "yes")

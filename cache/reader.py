@@ -171,9 +171,9 @@ class CacheReader:
 
     def show(self, i: int = 0, **kwargs: Any):
         """Draw sample i as a grid of slices x windows (a matplotlib Figure)."""
-        from cache.show import show
+        from cache.grid import draw
 
-        return show(self, i, **kwargs)
+        return draw(self, i, **kwargs)
 
     # --- summary -------------------------------------------------------------------------------------------------
     def disk_usage(self) -> dict[str, int]:
@@ -187,7 +187,7 @@ class CacheReader:
             else:
                 keys = sync(_collect(self._store.list_prefix(self._prefix)))
                 sizes = {k: int(sync(self._store.getsize(k))) for k in keys}
-            chunks = [v for k, v in sizes.items() if k.startswith(chunk_prefix)]
+            chunks = [v for k, v in sizes.items() if k.startswith(chunk_prefix) and fmt.chunk_row(k) is not None]
             self._disk = {"total": sum(sizes.values()), "crops": sum(chunks), "chunks": len(chunks)}
         return self._disk
 

@@ -162,11 +162,8 @@ class CacheWriter:
 
     def written_rows(self) -> set[int]:
         """Rows whose chunk exists on disk (one directory listing)."""
-        rows = set()
-        for name in os.listdir(self.root / fmt.ARRAY):
-            if name.startswith("c."):
-                rows.add(int(name.split(".")[1]))
-        return rows
+        rows = (fmt.chunk_row(name) for name in os.listdir(self.root / fmt.ARRAY))
+        return {r for r in rows if r is not None}
 
     # --- finishing -----------------------------------------------------------------------------------------------
     def finalise(self, index_df: pd.DataFrame, errors_df: pd.DataFrame | None = None,

@@ -7,13 +7,12 @@ chooses small settings (and says which in demo_report.md).
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.io import atomic_write_text
+from cache.io import atomic_write_json, atomic_write_text, read_jsonl
 from cache.rsna import CONDITIONS
 
 
@@ -59,6 +58,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     data, train_cache, test_cache, run = out / "data", out / "cache_train", out / "cache_test", out / "run"
     timings: list[dict] = []
     started = time.perf_counter()
+    atomic_write_json(out / "demo_config.json", asdict(cfg))  # the demo's own settings; each stage records its own
 
     _stage("synth", timings, synth, data, studies=cfg.studies, seed=cfg.seed, image_size=cfg.image_size,
            difficulty=cfg.difficulty, workers=cfg.workers)
@@ -89,6 +89,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
         "oof_score": result["score"]["score"],
         "oof_balanced_accuracy": result["overall"]["balanced_accuracy"],
         "oof_recall": result["overall"]["recall"],
+        "best_ba": best["ba"],
+        "best_dead_classes": best["dead_classes"],
         "best_epoch": best,
         "test_score": test_score["score"],
         "test_parts": {k: test_score[k] for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal")},
@@ -101,10 +103,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
 
 
 def _best_epoch(metrics_path: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    epochs = [r for r in rows if r.get("event", "epoch") == "epoch"]
-    best = [r for r in epochs if r.get("is_best")]
-    return (best or epochs)[-1] if epochs else {}
+    """The epoch record that produced best.pt (the last one flagged best), with its dead-class events."""
+    records = read_jsonl(metrics_path)
+    epochs = [r for r in records if r["type"] == "epoch"]
+    best = [r for r in epochs if r.get("best")]
+    if not best:
+        raise RuntimeError(f"{metrics_path} holds no epoch flagged best: the run did not finish an epoch")
+    return {**best[-1], "dead_class_events": sum(r["type"] == "dead_class" for r in records)}
 
 
 def _write_report(out: Path, cfg: DemoConfig, f: dict[str, Any]) -> None:
@@ -115,9 +120,10 @@ def _write_report(out: Path, cfg: DemoConfig, f: dict[str, Any]) -> None:
         f"crops {cfg.crop_size} px over {cfg.crop_mm} mm; backbone {cfg.backbone} from scratch, {cfg.epochs} epochs "
         "on the CPU, fold 0.", "",
         "| figure | value |", "|---|---|",
-        f"| validation balanced accuracy (best epoch) | {b.get('balanced_accuracy', float('nan')):.3f} |",
-        f"| validation recall N/M, Moderate, Severe | {b.get('recall')} |",
-        f"| validation predicted counts | {b.get('pred_counts')} |",
+        f"| validation balanced accuracy (best epoch, {b['epoch']}) | {b['ba']:.3f} |",
+        f"| validation recall Normal/Mild, Moderate, Severe | {', '.join(f'{r:.2f}' for r in b['recall'])} |",
+        f"| validation predicted counts | {b['pred_counts']} (dead class: {'yes' if b['dead_classes'] else 'no'}) |",
+        f"| dead-class events over the run | {b['dead_class_events']} |",
         f"| out-of-fold competition score (lower is better) | {f['oof_score']:.4f} |",
         f"| synthetic test split score, all 25 condition-levels (untrained ones get the prior) | "
         f"{f['test_score']:.4f} |",

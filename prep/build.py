@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 import cache
+from cache.io import progress_enabled
 from cache.format import INDEX_COLUMNS
 from prep.config import PrepConfig
 from prep.samples import errors_frame, read_samples
@@ -190,8 +191,7 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
     start = time.perf_counter()
     config = config or PrepConfig()
     data_dir, out = Path(data_dir), Path(out)
-    if progress is None:
-        progress = os.environ.get("LSDC_NO_PROGRESS", "") not in ("1", "true", "yes")
+    progress = progress_enabled(progress)
     samples, table_errors = read_samples(data_dir, config)
     tasks = plan_tasks(samples, data_dir, config.split)
     cfg = config.to_dict()

@@ -86,6 +86,15 @@ def test_show_grid(built: Path) -> None:
     assert np.array_equal(fig.axes[h.SLICES + 1].images[0].get_array(), h.stack(2)[1, 1])
 
 
+def test_package_level_show_selects_by_ids(built: Path) -> None:
+    c = cache.open(built)
+    rec = c.index.iloc[2]
+    fig = cache.show(built, study_id=int(rec.study_id), condition=rec.condition, level=rec.level)
+    assert np.array_equal(fig.axes[h.SLICES + 1].images[0].get_array(), h.stack(2)[1, 1])
+    with pytest.raises(IndexError, match="samples match"):
+        cache.show(c, 5, study_id=int(rec.study_id), condition=rec.condition, level=rec.level)
+
+
 def test_all_zero_sample_is_stored(tmp_path: Path) -> None:
     """zarr skips chunks equal to the fill value by default; ours must be stored, else they read as 'missing'."""
     w = cache.CacheWriter.create(tmp_path / "c", n_rows=1, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import cache
-from cache.io import atomic_write, atomic_write_json
+from cache.io import atomic_write, atomic_write_json, progress_enabled, read_jsonl
 from cache.rsna import LABELS, PROB_COLUMNS
 from train import folds as folds_mod
 from train.augment import augment_batch
@@ -350,7 +349,7 @@ def fit(cache_path: str | Path | None, out_dir: str | Path, cfg: TrainConfig | N
 # ----------------------------------------------------------------------------- small helpers
 
 def _quiet(rt: Runtime) -> bool:
-    return not rt.master or os.environ.get("LSDC_NO_PROGRESS", "") not in ("", "0")
+    return not rt.master or not progress_enabled()
 
 
 def _finite(x: float | None, default: float) -> float:
@@ -380,9 +379,8 @@ def _truncate_metrics(path: Path, fold: int, start: int) -> None:
     """Drop this fold's records from epochs a resume will redo (written after the last checkpoint)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln and not (json.loads(ln)["fold"] == fold and json.loads(ln)["epoch"] >= start)]
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in keep)))
+    keep = [r for r in read_jsonl(path) if not (r["fold"] == fold and r["epoch"] >= start)]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
 def _summary_line(r: dict, cfg: TrainConfig) -> None:

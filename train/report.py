@@ -5,33 +5,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # a bare Figure draws to files without pyplot: a notebook's backend stays as it is
 
-matplotlib.use("Agg")  # files only: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from cache.io import atomic_write, atomic_write_text  # noqa: E402
-from cache.rsna import LABELS, PROB_COLUMNS  # noqa: E402
-from train.metrics import classification_metrics  # noqa: E402
-from train.score import competition_score  # noqa: E402
+from cache.io import atomic_write, atomic_write_text, read_jsonl
+from cache.rsna import LABELS, PROB_COLUMNS
+from train.metrics import classification_metrics
+from train.score import competition_score
 
 
 def read_metrics(run_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
     """(one row per epoch, the event records) from metrics.jsonl."""
-    records = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
     epochs = pd.DataFrame([r for r in records if r["type"] == "epoch"])
     return epochs, [r for r in records if r["type"] != "epoch"]
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
 
 
 def _curves(epochs: pd.DataFrame, columns: dict[str, str], title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
     for fold, g in epochs.groupby("fold"):
         for col, label in columns.items():
             ax.plot(g["epoch"], g[col], marker=".", label=f"{label} (fold {fold})")
@@ -43,7 +40,8 @@ def _curves(epochs: pd.DataFrame, columns: dict[str, str], title: str, path: Pat
 
 def _confusion(cm: np.ndarray, title: str, path: Path) -> None:
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig = Figure(figsize=(4.2, 3.8))
+    ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, f"{norm[i, j]:.2f}\n({v})", ha="center", va="center", fontsize=8,

@@ -105,11 +105,21 @@ def bench_load(cache_path: str | Path, *, workers: tuple[int, ...] = (0, 1, 2), 
     import torch
 
     import cache
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loader's job is I/O and decoding; keep the comparison to one core per process
+    try:
+        return _bench_load(cache.open(cache_path), cache_path, workers, batch_size, samples, v8_samples, v8_workers,
+                           data_dir, repeat, passes, in_memory, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_load(reader, cache_path, workers, batch_size, samples, v8_samples, v8_workers, data_dir, repeat, passes,
+                in_memory, command) -> dict[str, Any]:
     from cache.rsna import CONDITIONS
     from train.data import CacheDataset
 
-    torch.set_num_threads(1)  # a loader's job is I/O and decoding; keep the comparison to one core per process
-    reader = cache.open(cache_path)
     rng = np.random.default_rng(0)
     n = len(reader) if samples is None else min(samples, len(reader))
     positions = np.sort(rng.permutation(len(reader))[:n])
@@ -175,6 +185,8 @@ def _ratios(run: dict, workers: tuple[int, ...], v8_workers: tuple[int, ...]) ->
     for w in v8_workers:  # a cached epoch against a v8 epoch with the same number of loader workers
         if f"v8_w{w}" in run and f"loader_w{w}" in run:
             out[f"cached_over_v8_w{w}"] = ratio(run[f"loader_w{w}"]["samples_per_s"], run[f"v8_w{w}"]["samples_per_s"])
+        if f"v8_w{w}" in run and "in_memory" in run:  # train's default ('auto') when the samples fit in RAM
+            out[f"in_memory_over_v8_w{w}"] = ratio(run["in_memory"]["samples_per_s"], run[f"v8_w{w}"]["samples_per_s"])
     return out
 
 

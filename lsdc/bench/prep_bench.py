@@ -25,6 +25,7 @@ import numpy as np
 from lsdc.bench.common import (Clock, cpu_seconds, log, machine_info, minor_faults, peak_rss_mb, ratio, rss_mb,
                                 spread)
 
+BENCH_CACHES = ("plain", "build1", "build2", "build_dask_env", "build_small")  # + build{N} for other N
 TARGETS = {"build_over_plain": ("<=", 1.3), "build_over_v8_epoch": ("<", 1.0), "speedup_2_workers": (">=", 1.8),
            "worker_peak_mb": ("<=", 1024.0)}
 
@@ -153,8 +154,8 @@ def compare_crops(plain: dict[str, Any], plain_out: Path, build_out: Path) -> di
 
 
 def bench_prep(data_dir: str | Path, config=None, *, workers: int = 2, repeat: int = 1, v8_samples: int | None = None,
-               memory_check: bool = True, dask_env_check: bool = True, work_dir: str | Path | None = None, keep: bool = False,
-               command: str | None = None) -> dict[str, Any]:
+               memory_check: bool = True, dask_env_check: bool = True, work_dir: str | Path | None = None,
+               keep: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run the prep benchmark; returns a JSON-able result (see docs/benchmarks.md for its fields)."""
     from prep.build import plan_tasks
     from prep.config import PrepConfig
@@ -163,6 +164,7 @@ def bench_prep(data_dir: str | Path, config=None, *, workers: int = 2, repeat: i
     data_dir = Path(data_dir)
     config = config or PrepConfig()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="lsdc-bench-prep-"))
+    made_work = work_dir is None or not work.exists()
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"bench": "prep", "command": command, "machine": machine_info(),
                               "data_dir": str(data_dir.resolve()), "config": config.to_dict(), "workers": workers}
@@ -196,8 +198,12 @@ def bench_prep(data_dir: str | Path, config=None, *, workers: int = 2, repeat: i
         result["targets"] = _targets(result)
         result["machine_end"] = {"load_avg": machine_info()["load_avg"]}
     finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+        if not keep:  # only what this bench made: --work may name a folder that holds other things
+            for name in {*BENCH_CACHES, f"build{workers}"}:
+                if (work / name).exists():
+                    shutil.rmtree(work / name)
+            if made_work and not any(work.iterdir()):
+                work.rmdir()
     return result
 
 
@@ -221,11 +227,12 @@ def memory_growth(data_dir: Path, config, workers: int, work: Path, result: dict
     from dataclasses import replace
 
     n = result["studies"]
-    large = max(max(b["worker_peak_mb"]) for run in result["runs"] for b in [run["build"][str(workers)]])
-    small_cfg = replace(config, studies=max(1, n // 2) if config.studies is None else max(1, config.studies // 2))
+    large = max(max(run["build"][str(workers)]["worker_peak_mb"]) for run in result["runs"])
+    small_cfg = replace(config, studies=max(1, n // 2))  # the selected studies are the first n: half of them
     log(f"bench prep: memory check, {workers} worker(s) on {small_cfg.studies} studies")
     small = timed_build(data_dir, work / "build_small", small_cfg, workers)
-    return {"small": {"studies": small_cfg.studies, "samples": small["samples"], "worker_peak_mb": small["worker_peak_mb"]},
+    return {"small": {"studies": small_cfg.studies, "samples": small["samples"],
+                      "worker_peak_mb": small["worker_peak_mb"]},
             "large": {"studies": n, "samples": result["samples"], "worker_peak_mb_max": large},
             "growth": ratio(large, max(small["worker_peak_mb"]))}
 

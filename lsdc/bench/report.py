@@ -43,6 +43,9 @@ def _name(key: str) -> str:
     m = re.fullmatch(r"cached_over_v8_w(\d+)", key)
     if m:
         return f"cached loader / v8-style loader, {m[1]} workers each"
+    m = re.fullmatch(r"in_memory_over_v8_w(\d+)", key)
+    if m:
+        return f"in-memory loader (0 workers) / v8-style loader with {m[1]} workers"
     m = re.fullmatch(r"speedup_(\d+)_workers(_excl_start)?", key)
     if m:
         return f"build speed-up, {m[1]} workers vs 1" + (" (excl. cluster start)" if m[2] else "")
@@ -98,7 +101,8 @@ def _rates_prep(result: dict[str, Any]) -> list[str]:
     if mem:
         out.append(f"Peak worker RSS: {max(mem['small']['worker_peak_mb']):.0f} MB on {mem['small']['samples']} "
                    f"samples ({mem['small']['studies']} studies), {mem['large']['worker_peak_mb_max']:.0f} MB on "
-                   f"{mem['large']['samples']} samples ({mem['large']['studies']} studies): growth x{mem['growth']:.2f}.")
+                   f"{mem['large']['samples']} samples ({mem['large']['studies']} studies): "
+                   f"growth x{mem['growth']:.2f}.")
     crops = result.get("crops", {})
     out.append(f"Plain loop vs build: {crops.get('rows_compared', 0)} samples compared, bit-identical: "
                f"{crops.get('identical')}.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 import typer
 
@@ -54,10 +53,11 @@ def info(path: str = PATH_ARG) -> None:
 def verify(path: str = PATH_ARG) -> None:
     """Check that every index row has its data and its checksum matches; exit 1 and list the bad rows otherwise."""
     import cache
+    from cache.io import progress_enabled
 
     c = _open(path)
     bar = None
-    if not os.environ.get("LSDC_NO_PROGRESS"):
+    if progress_enabled():
         from tqdm import tqdm
 
         bar = tqdm(total=len(c), desc="verify", unit="sample")
@@ -82,6 +82,7 @@ def show(
     out: Path | None = typer.Option(None, help="PNG to write (default: show_<study>_<condition>_<level>.png)"),
 ) -> None:
     """Draw one sample as a grid of slices x windows and save it as a PNG."""
+    from cache.io import atomic_write
     from cache.rsna import slug
 
     c = _open(path)
@@ -91,5 +92,6 @@ def show(
                     "out of range", fg="red", err=True)
         raise typer.Exit(2)
     out = out or Path(f"show_{study}_{slug(condition)}_{slug(level)}.png")
-    view.show(row).savefig(out, dpi=100)
+    fig = view.show(row)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     typer.echo(f"wrote {out}")

@@ -36,13 +36,13 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (LSDC_NO_PROGRESS=1 off)."),
     ) -> None:
         """DICOM -> 7-slice, 3-window, CLAHE'd, mm-sized crops -> a Zarr cache (Dask, resumable)."""
-        import os
 
         from prep.build import build
         from prep.config import DEFAULT_WINDOWS, PrepConfig, parse_conditions, parse_windows
         from prep.samples import TableError
 
         from cache import CacheError
+        from cache.io import progress_enabled
 
         try:
             config = PrepConfig(
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
                 studies=studies, slices=slices, size=size, crop_scale=crop_scale, crop_base_mm=crop_mm,
                 windows=parse_windows(windows) if windows else DEFAULT_WINDOWS, clahe_clip=clahe_clip,
                 clahe_tiles=clahe_tiles)
-            show = progress and os.environ.get("LSDC_NO_PROGRESS", "") not in ("1", "true", "yes")
+            show = progress and progress_enabled()
             result = build(data_dir, out, config, workers=workers, scheduler=scheduler, clean=not resume,
                            progress=show)
         except (ValueError, TableError, CacheError) as e:

@@ -25,7 +25,23 @@ def title(rec: pd.Series, size: int) -> str:
             f"{2 * rec['half_size_px']:.0f} px -> {size} px")
 
 
-def show(reader: CacheReader, i: int = 0, windows: list[str] | None = None, scale: float = 1.6) -> Figure:
+def show(source: CacheReader | str, i: int = 0, *, study_id: int | None = None, condition: str | None = None,
+         level: str | None = None, windows: list[str] | None = None, scale: float = 1.6) -> Figure:
+    """`cache.show(path_or_cache, study_id=..., condition=..., level=...)`: the i-th matching sample as a grid.
+
+    Without a selection, i is the position in the cache (or view) itself.
+    """
+    from cache.reader import CacheReader, open as open_cache
+
+    reader = source if isinstance(source, CacheReader) else open_cache(source)
+    if (study_id, condition, level) != (None, None, None):
+        reader = reader.select(study_id=study_id, condition=condition, level=level)
+        if not 0 <= i < len(reader):
+            raise IndexError(f"{len(reader)} samples match study {study_id}, {condition!r}, {level!r}; no match {i}")
+    return draw(reader, i, windows, scale)
+
+
+def draw(reader: CacheReader, i: int = 0, windows: list[str] | None = None, scale: float = 1.6) -> Figure:
     """Sample i of `reader` (a cache or a view) as a matplotlib Figure: one column per slice, one row per window.
 
     Columns are titled with the slice's offset along the stack (mm) and instance number; the labelled slice
