@@ -197,7 +197,7 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
     cfg = config.to_dict()
     with cache.build_lock(out):
         writer = cache.CacheWriter.create(out, n_rows=max(len(samples), 1), slices=config.slices, size=config.size,
-                                          config=cfg, clean=clean)
+                                          config=cfg, clean=clean, codec=config.codec)
         keys = {t["key"] for t in tasks}
         done = {k: v for k, v in writer.completed_tasks().items() if k in keys}
         pending = [t for t in tasks if t["key"] not in done]

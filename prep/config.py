@@ -67,6 +67,7 @@ class PrepConfig:
     clahe_clip: float = 2.0  # per window channel; 0 disables CLAHE
     clahe_tiles: int = 8  # tiles per side (8 x 8)
     percentile_stride: int = 2  # window percentiles use every k-th pixel per axis of the stack (exact enough, k^2 faster)
+    codec: str = "crc32c"  # the cache's chunk codec (cache.format.CODECS; measured in docs/cache_format.md)
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "test"):
@@ -84,6 +85,10 @@ class PrepConfig:
             raise ValueError(f"need exactly 3 windows with distinct names, got {self.windows}")
         if self.clahe_clip < 0 or self.clahe_tiles < 1 or self.percentile_stride < 1:
             raise ValueError("clahe_clip >= 0, clahe_tiles >= 1 and percentile_stride >= 1 required")
+        from cache.format import CODECS
+
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
         if self.studies is not None and self.studies < 1:
             raise ValueError(f"studies must be >= 1 or None, got {self.studies}")
 

@@ -48,7 +48,7 @@ def write_rows(path: str, rows: list[int]) -> dict[int, str]:
     return {row: w.write(row, stack(row)) for row in rows}
 
 
-def build(path: Path | str, n: int = 8, config: dict | None = None, codec: str = "zstd-3",
+def build(path: Path | str, n: int = 8, config: dict | None = None, codec: str = cache.format.DEFAULT_CODEC,
           finalise: bool = True) -> cache.CacheWriter:
     w = cache.CacheWriter.create(path, n_rows=n, slices=SLICES, size=SIZE, config=config or CONFIG, codec=codec)
     digests = write_rows(os.fspath(path), list(range(n)))

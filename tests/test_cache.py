@@ -47,7 +47,7 @@ def test_round_trip_values_index_manifest(built: Path) -> None:
     assert m["config"] == h.CONFIG and m["config_hash"] == cache.config_hash(h.CONFIG)
     assert m["counts"]["samples"] == 8 and m["counts"]["errors"] == 1
     assert m["counts"]["by_label"] == {"0": 2, "1": 2, "2": 2, "missing": 2}
-    assert m["array"]["shape"] == [8, h.SLICES, 3, h.SIZE, h.SIZE] and m["array"]["codec"] == "zstd-3"
+    assert m["array"]["shape"] == [8, h.SLICES, 3, h.SIZE, h.SIZE] and m["array"]["codec"] == "crc32c"
     assert set(m["versions"]) >= {"numpy", "zarr", "pandas", "pyarrow", "python", "lsdc"}
     assert m["window_names"] == ["soft", "wide", "bright"]  # extra_manifest
     assert zarr.open_group(str(built), mode="r").attrs["manifest"] == m  # mirrored into the group
@@ -113,7 +113,10 @@ def test_missing_chunk_found_and_raises(built: Path) -> None:
     assert np.array_equal(c[2], h.stack(2))  # the others still read
 
 
-def test_corrupted_chunk_found_and_raises(built: Path) -> None:
+@pytest.mark.parametrize("codec", ["crc32c", "zstd-3"])  # both checksum every chunk on read
+def test_corrupted_chunk_found_and_raises(tmp_path: Path, codec: str) -> None:
+    built = tmp_path / "cache"
+    h.build(built, n=8, codec=codec)
     chunk = built / "crops" / "c.5.0.0.0.0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -127,7 +130,7 @@ def test_corrupted_chunk_found_and_raises(built: Path) -> None:
 
 
 def test_uncompressed_corruption_needs_checksum(tmp_path: Path) -> None:
-    """Without zstd's frame checksum a flipped byte decodes fine: verify and verify_checksums=True catch it."""
+    """With codec 'none' (no chunk checksum) a flipped byte decodes fine: verify and verify_checksums=True catch it."""
     path = tmp_path / "c"
     h.build(path, n=3, codec="none")
     chunk = path / "crops" / "c.1.0.0.0.0"

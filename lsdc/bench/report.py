@@ -46,9 +46,11 @@ def _name(key: str) -> str:
     m = re.fullmatch(r"in_memory_over_v8_w(\d+)", key)
     if m:
         return f"in-memory loader (0 workers) / v8-style loader with {m[1]} workers"
-    m = re.fullmatch(r"speedup_(\d+)_workers(_excl_start)?", key)
+    m = re.fullmatch(r"speedup_(\d+)_workers(_excl_start|_cpu_bound)?", key)
     if m:
-        return f"build speed-up, {m[1]} workers vs 1" + (" (excl. cluster start)" if m[2] else "")
+        how = {None: "", "_excl_start": " (excl. cluster start)",
+               "_cpu_bound": " if each worker had a free core (from worker CPU times)"}[m[2]]
+        return f"build speed-up, {m[1]} workers vs 1{how}"
     return key
 
 
@@ -120,7 +122,7 @@ def _rates_load(result: dict[str, Any]) -> list[str]:
 
 
 def _rates_train(result: dict[str, Any]) -> list[str]:
-    parts = [f"{k} {result[k]['samples_per_s']:.1f}" for k in ("loader", "model", "end_to_end")]
+    parts = [f"{k} {result[k]['samples_per_s']:.3g}" for k in ("loader", "model", "end_to_end")]
     text = [f"Model {result['backbone']} ({result['parameters_m']:.1f} M parameters), {result['slices']} slices at "
             f"{result['image_size']} px, batch {result['batch_size']}, {result['workers']} loader workers, amp "
             f"{result['amp']}, channels_last {result['channels_last']}, {result['steps']} timed steps after "
@@ -136,7 +138,7 @@ def _rates_train(result: dict[str, Any]) -> list[str]:
 
 def render(result: dict[str, Any]) -> str:
     """The Markdown section of one result."""
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = result["machine"].get("time") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = {"prep": "Cache build", "load": "Loader", "train-cpu": "Training (CPU)",
              "train-cuda": "Training (GPU)"}[section_key(result)]
     rates = {"prep": _rates_prep, "load": _rates_load, "train": _rates_train}[result["bench"]](result)

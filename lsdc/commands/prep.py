@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
             None, help="Three NAME:LO:HI percentile windows, default 'soft:50:99.5,wide:0.5:99.5,full:0:100'."),
         clahe_clip: float = typer.Option(2.0, help="CLAHE clip limit per window channel (0 = off)."),
         clahe_tiles: int = typer.Option(8, help="CLAHE tiles per side."),
+        codec: str = typer.Option("crc32c", help="Chunk codec: crc32c (raw + checksum), zstd-1, zstd-3, lz4, none."),
         workers: int = typer.Option(2, help="Local worker processes (one thread each)."),
         scheduler: Optional[str] = typer.Option(
             None, help="dask.distributed scheduler address (tcp://host:8786), or processes/threads/synchronous."),
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
                 conditions=parse_conditions(conditions) if conditions else PrepConfig().conditions,
                 studies=studies, slices=slices, size=size, crop_scale=crop_scale, crop_base_mm=crop_mm,
                 windows=parse_windows(windows) if windows else DEFAULT_WINDOWS, clahe_clip=clahe_clip,
-                clahe_tiles=clahe_tiles)
+                clahe_tiles=clahe_tiles, codec=codec)
             show = progress and progress_enabled()
             result = build(data_dir, out, config, workers=workers, scheduler=scheduler, clean=not resume,
                            progress=show)
