@@ -77,6 +77,11 @@ def plan_tasks(samples: pd.DataFrame, data_dir: Path, split: str) -> list[dict[s
 
 def run_task(task: dict[str, Any], out: str, config: dict[str, Any]) -> list[Record]:
     """Executed on a worker: build one series, write its chunks, mark it done, return small records."""
+    import cv2
+
+    # A worker is one core (one thread per worker): OpenCV's own thread pool would oversubscribe the machine's cores
+    # and make N workers scale worse than N x one.
+    cv2.setNumThreads(1)
     writer = cache.CacheWriter.open(out)
     records = process_series(task["series_dir"], task["samples"], PrepConfig.from_dict(config), writer.write)
     _test_pause("task", Path(out))

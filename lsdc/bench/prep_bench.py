@@ -157,10 +157,15 @@ def bench_prep(data_dir: str | Path, config=None, *, workers: int = 2, repeat: i
                memory_check: bool = True, dask_env_check: bool = True, work_dir: str | Path | None = None,
                keep: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run the prep benchmark; returns a JSON-able result (see docs/benchmarks.md for its fields)."""
+    import cv2
+
     from prep.build import plan_tasks
     from prep.config import PrepConfig
     from prep.samples import read_samples
 
+    # Every figure is per core: the in-process references (plain loop, v8 epoch) get one OpenCV thread, like a
+    # build worker (prep.build.run_task), so no side borrows the other core.
+    cv2.setNumThreads(1)
     data_dir = Path(data_dir)
     config = config or PrepConfig()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="lsdc-bench-prep-"))
