@@ -90,12 +90,15 @@ def test_kill_9_mid_build_then_resume_gives_the_same_cache(tmp_path):
     code = (f"from prep.build import build; from prep.config import PrepConfig; "
             f"build({str(data)!r}, {str(tmp_path / 'c')!r}, PrepConfig.from_dict({cfg.to_dict()!r}), "
             f"scheduler='synchronous')")
-    env = {**os.environ, "LSDC_NO_PROGRESS": "1"}
+    # The test-only hook pauses the build once a task is done and the next one has written its chunks (exact, no race).
+    marker = tmp_path / "paused"
+    env = {**os.environ, "LSDC_NO_PROGRESS": "1", "LSDC_TEST_PAUSE": "task", "LSDC_TEST_PAUSE_FILE": str(marker)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     progress = tmp_path / "c" / "_progress"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not any(progress.glob("*.json")):
-        time.sleep(0.005)
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.01)
+    assert marker.exists(), "the build never reached its pause point"
     os.killpg(proc.pid, signal.SIGKILL)  # the build and anything it started, mid-way
     proc.wait()
     done = len(list(progress.glob("*.json")))
