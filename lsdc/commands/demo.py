@@ -12,8 +12,8 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_command(
         out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for the data, caches, run and report."),
-        studies: Optional[int] = typer.Option(None, "--studies", help="Synthetic training studies [default: 60]."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", help="[default: 20]"),
+        studies: Optional[int] = typer.Option(None, "--studies", help="Synthetic training studies [default: 80]."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="[default: 30]"),
         seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]"),
         backbone: Optional[str] = typer.Option(None, "--backbone",
                                                help="timm model, trained from scratch [default: mobilenetv3_small_050]."),
