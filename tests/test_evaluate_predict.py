@@ -379,3 +379,15 @@ def test_synth_prep_train_predict_score(tmp_path):
     assert not got["partial"] and all(math.isfinite(got[k]) and got[k] > 0 for k in SCORE_KEYS)
     assert got["n_spinal"] + got["n_foraminal"] + got["n_subarticular"] == \
         labels_long(data / "test_labels.csv")["label"].notna().sum()
+
+
+def test_split_studies_lists_every_study_of_the_split_even_without_coordinates(tmp_path):
+    from train.predict import split_studies
+
+    pd.DataFrame({"study_id": [7, 7, 9], "series_id": [1, 2, 3],
+                  "series_description": ["Sagittal T1", "Axial T2", "Sagittal T1"]}).to_csv(
+        tmp_path / "test_series_descriptions.csv", index=False)
+    manifest = {"prep": {"data_dir": str(tmp_path)}, "config": {"split": "test"}}
+    assert split_studies(manifest) == {7, 9}
+    assert split_studies({"prep": {"data_dir": str(tmp_path / "gone")}, "config": {"split": "test"}}) == set()
+    assert split_studies({}) == set()

@@ -60,6 +60,14 @@ def test_tables_match_the_competition_layout(data: Path, shared_csv: Path | None
                 pd.read_csv(ref / name, nrows=0).columns.tolist(), name
     coords = pd.read_csv(data / "train_label_coordinates.csv")
     assert set(coords.condition) <= set(CONDITIONS) and set(coords.level) <= set(LEVELS)
+    if shared_csv is not None:  # the strings themselves, against the real tables (not only against cache.rsna)
+        real = pd.read_csv(shared_csv / "train_label_coordinates.csv", usecols=["condition", "level"])
+        assert set(coords.condition) <= set(real.condition) and set(coords.level) <= set(real.level)
+        real_desc = set(pd.read_csv(shared_csv / "train_series_descriptions.csv").series_description)
+        assert set(pd.read_csv(data / "train_series_descriptions.csv").series_description) <= real_desc
+        real_cells = set(pd.read_csv(shared_csv / "train.csv").iloc[:, 1:].stack().unique())
+        ours = set(pd.read_csv(data / "train.csv").iloc[:, 1:].stack().unique())
+        assert ours <= real_cells
     assert set(pd.read_csv(data / "train_series_descriptions.csv").series_description) == set(SERIES_DESCRIPTIONS)
     assert pd.read_csv(data / "test_label_coordinates.csv", nrows=0).columns.tolist() == coords.columns.tolist()
     for name in ("train.csv", "test_labels.csv"):

@@ -119,6 +119,16 @@ def parse_row_id(rid: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
+def split_studies(manifest: dict[str, Any]) -> set[int]:
+    """Every study of the split the cache was built from, per its `{split}_series_descriptions.csv` (when that
+    folder is still there), so a study without a single coordinate still gets its 25 rows."""
+    data_dir, split = manifest.get("prep", {}).get("data_dir"), manifest.get("config", {}).get("split")
+    table = Path(data_dir) / f"{split}_series_descriptions.csv" if data_dir and split else None
+    if table is None or not table.exists():
+        return set()
+    return {int(s) for s in pd.read_csv(table, usecols=["study_id"])["study_id"]}
+
+
 def submission_rows(sample_submission: str | os.PathLike | None, studies: list[int]) -> pd.DataFrame:
     """row_id, study_id, condition, level in the submission's order: the sample submission's when given."""
     names = {label_column(c, lv): (c, lv) for c in CONDITIONS for lv in LEVELS}
@@ -218,6 +228,7 @@ def predict(checkpoints: list[str | os.PathLike], cache_path: str | os.PathLike,
     studies = {int(s) for s in reader.index["study_id"]}
     if "study_id" in errors.columns:  # a study whose every crop failed is still a study of the test set
         studies |= {int(s) for s in errors["study_id"].dropna()}
+    studies |= split_studies(reader.manifest)  # and so is one with no coordinates at all
     rows = submission_rows(sample_submission, sorted(studies))
     predicted = model_predictions(paths, configs, reader, device, tta)
     if temperature is not None:
