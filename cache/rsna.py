@@ -78,3 +78,19 @@ def label_code(value: object) -> int | None:
         return LABELS.index(str(value))
     except ValueError:
         raise ValueError(f"unknown label {value!r}; expected one of {LABELS} or an empty cell") from None
+
+
+def parse_condition(text: str) -> str:
+    """A condition from its name or slug, any case: 'spinal_canal_stenosis' -> 'Spinal Canal Stenosis'."""
+    found = {slug(c): c for c in CONDITIONS}.get(slug(text.strip()))
+    if found is None:
+        raise ValueError(f"unknown condition {text!r}; expected one of {list(CONDITIONS)} (or their snake_case)")
+    return found
+
+
+def parse_level(text: str) -> str:
+    """A level from 'L4/L5', 'l4_l5' or 'L4-L5': -> 'L4/L5'."""
+    found = {slug(lv): lv for lv in LEVELS}.get(slug(text.strip().replace("-", "/")))
+    if found is None:
+        raise ValueError(f"unknown level {text!r}; expected one of {list(LEVELS)} (or l4_l5 style)")
+    return found

@@ -84,12 +84,14 @@ class CacheWriter:
             have_hash, have_shape = build.get("config_hash"), tuple(build.get("shape", ()))
             if have_hash != want_hash:
                 raise CacheConfigMismatch(
-                    f"cache at {root} was built with config {have_hash}, this build's config is {want_hash}; "
-                    "rebuild with clean=True (`lsdc prep --clean`) or choose another output path")
+                    f"cache at {root} was built with config {have_hash}, this build's config is {want_hash} "
+                    f"({_config_diff(build.get('config', {}), config)}); rebuild it (`lsdc prep --clean`, "
+                    "clean=True in Python) or choose another output path")
             if have_shape != shape:
                 raise CacheConfigMismatch(
                     f"cache at {root} (config {have_hash}) has shape {list(have_shape)}, this build wants "
-                    f"{list(shape)} (did the input data change?); rebuild with clean=True or use another path")
+                    f"{list(shape)} (did the input data change?); rebuild it (`lsdc prep --clean`, clean=True in "
+                    "Python) or use another path")
             return writer
         return cls._new(root, shape, config, want_hash, codec)
 
@@ -248,3 +250,11 @@ def build_lock(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if _holder(lock).get("pid") == me["pid"]:  # never remove a lock someone else has taken over since
             lock.unlink(missing_ok=True)
+
+
+def _config_diff(have: dict[str, Any], want: dict[str, Any], limit: int = 4) -> str:
+    """'size 64 -> 96, codec ...': the settings that make two configs differ, for the mismatch message."""
+    want = json.loads(json.dumps(want, default=str))  # tuples -> lists, as the stored config was written
+    keys = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    shown = [f"{k} {have.get(k)!r} -> {want.get(k)!r}" for k in keys[:limit]]
+    return "differs in " + ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

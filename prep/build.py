@@ -114,7 +114,8 @@ def local_cluster(workers: int):
     if _USER_MALLOC_TRIM is None:
         os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                            dashboard_address=":0")  # any free port: two builds (or Jupyter) never collide on 8787
 
 
 def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, address: str | None,

@@ -174,6 +174,7 @@ def test_resume_same_config_keeps_work_other_config_raises(tmp_path: Path) -> No
     with pytest.raises(cache.CacheConfigMismatch) as err:
         cache.CacheWriter.create(path, n_rows=6, slices=h.SLICES, size=h.SIZE, config=other)
     assert cache.config_hash(h.CONFIG) in str(err.value) and cache.config_hash(other) in str(err.value)
+    assert f"size {h.CONFIG['size']!r} -> 64" in str(err.value) and "lsdc prep --clean" in str(err.value)
     with pytest.raises(cache.CacheConfigMismatch, match="shape"):
         cache.CacheWriter.create(path, n_rows=7, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
 

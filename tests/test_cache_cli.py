@@ -77,3 +77,17 @@ def test_show_writes_png(built: Path, tmp_path: Path) -> None:
     assert img[..., :3].std() > 0.1  # a drawn grid, not a blank canvas
     res = runner.invoke(app, args[:-2] + ["--row", "3"])
     assert res.exit_code == 2 and "1 samples match" in res.output
+
+
+def test_show_accepts_snake_case_and_names_what_is_wrong(built: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    res = runner.invoke(app, ["cache", "show", str(built), "--study", "1000", "--condition",
+                              "right_neural_foraminal_narrowing", "--level", "l3_l4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["cache", "show", str(built), "--study", "4242", "--condition", "spinal_canal_stenosis",
+                              "--level", "L4/L5"])
+    assert res.exit_code == 2 and "study 4242 is not in this cache" in res.output
+    res = runner.invoke(app, ["cache", "show", str(built), "--study", "1000", "--condition", "spinal",
+                              "--level", "L4/L5"])
+    assert res.exit_code == 2 and "unknown condition 'spinal'" in res.output

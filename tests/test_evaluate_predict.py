@@ -307,7 +307,7 @@ def test_predict_end_to_end_on_a_tiny_cache(tmp_path):
     ordered = predict([run_a, ckpt_b], tmp_path / "cache", tmp_path / "o.csv",
                       sample_submission=tmp_path / "sample.csv", device="cpu")
     assert ordered["row_id"].tolist() == order
-    unseen = pd.read_csv(tmp_path / MISSING_LOG).query("row_id.str.startswith('503_')")
+    unseen = pd.read_csv(tmp_path / "o_missing.csv").query("row_id.str.startswith('503_')")  # named after o.csv
     assert len(unseen) == 25 and set(unseen["reason"]) <= {"no crop in the cache (no coordinate)",
                                                            "no model trained on this condition"}
     assert ordered.set_index("row_id").loc[sub["row_id"], PROBS].to_numpy() == pytest.approx(sub[PROBS].to_numpy())

@@ -193,3 +193,26 @@ def test_cli_train_config_file_set_and_resume(tiny, tmp_path):
     assert len(epochs_of(run)) == 1
     bad = CliRunner().invoke(app, ["train", str(tiny), str(tmp_path / "x"), "--set", "nonsense=1"])
     assert bad.exit_code != 0 and "unknown key" in bad.output
+
+
+def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # e.g. `lsdc train` offline without --weights: config written, then failed
+    loop.fit(tiny, run, tiny_cfg(epochs=1))
+    assert (run / "fold0" / "last.pt").exists()
+    with pytest.raises(FileExistsError, match="--resume"):  # now it holds a checkpoint: refused as before
+        loop.fit(tiny, run, tiny_cfg(epochs=1))
+
+
+def test_cli_reports_user_errors_in_one_line(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from lsdc.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["train", str(tmp_path / "nope"), str(tmp_path / "run")])
+    assert missing.exit_code == 2 and "lsdc train: no cache at" in missing.output
+    assert "Traceback" not in missing.output
+    resume = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--epochs", "3"])
+    assert resume.exit_code == 2 and "--epochs" in resume.output

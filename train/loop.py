@@ -317,8 +317,11 @@ def fit(cache_path: str | Path | None, out_dir: str | Path, cfg: TrainConfig | N
             raise ValueError(f"{run_dir} was trained on a cache with another config; resume on the same cache")
         cfg = TrainConfig.from_file(config_path)
     else:
-        if config_path.exists():
+        if config_path.exists() and _has_progress(run_dir):
             raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or use a new OUT")
+        if config_path.exists():  # a run that failed before its first checkpoint (e.g. no weights): nothing to keep
+            log.warning("%s holds a run that never saved a checkpoint; starting it again with the new settings",
+                        run_dir)
         reader = cache.open(cache_path)
         cfg = resolve_config(cfg or TrainConfig(), reader)
     rt = setup_runtime(cfg.device, cfg.amp)  # under torchrun: every rank has checked run_dir before any writes
@@ -332,6 +335,8 @@ def fit(cache_path: str | Path | None, out_dir: str | Path, cfg: TrainConfig | N
     index = reader.index
     sample_fold = folds_mod.fold_of_samples(index, folds_mod.load_folds(run_dir / "folds.parquet"))
     todo = range(cfg.folds) if cfg.fold is None else [cfg.fold]
+    if resume and all((run_dir / f"fold{k}" / "oof.parquet").exists() for k in todo):
+        log.info("%s: every requested fold has finished; nothing to resume", run_dir)
     results = {}
     for fold in todo:
         if (run_dir / f"fold{fold}" / "oof.parquet").exists():
@@ -347,6 +352,11 @@ def fit(cache_path: str | Path | None, out_dir: str | Path, cfg: TrainConfig | N
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def _has_progress(run_dir: Path) -> bool:
+    """Whether a run directory holds anything worth keeping: a checkpoint or a finished fold."""
+    return any(run_dir.glob("fold*/last.pt")) or any(run_dir.glob("fold*/oof.parquet"))
+
 
 def _quiet(rt: Runtime) -> bool:
     return not rt.master or not progress_enabled()

@@ -25,7 +25,13 @@ from train.score import read_submission
 log = logging.getLogger(__name__)
 KEY = ["study_id", "condition", "level"]
 PROBS = list(PROB_COLUMNS)
-MISSING_LOG = "submission_missing.csv"
+MISSING_LOG = "submission_missing.csv"  # the log of the default submission.csv; see missing_log()
+
+
+def missing_log(out_csv: str | os.PathLike) -> Path:
+    """The CSV listing the rows filled with the prior, beside its submission: sub2.csv -> sub2_missing.csv."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(f"{out_csv.stem}_missing.csv")
 # The competition's label mix per condition (Normal/Mild, Moderate, Severe; ../shared/rsna_csv/README.md): the last
 # resort when neither a checkpoint nor its run's labels say what the training mix was.
 PUBLISHED_MIX: dict[str, tuple[float, float, float]] = dict(zip(CONDITIONS, (
@@ -242,7 +248,7 @@ def predict(checkpoints: list[str | os.PathLike], cache_path: str | os.PathLike,
 
     out_csv = Path(out_csv)
     atomic_write(out_csv, lambda tmp: submission.to_csv(tmp, index=False))
-    atomic_write(out_csv.parent / MISSING_LOG, lambda tmp: missing.to_csv(tmp, index=False))
+    atomic_write(missing_log(out_csv), lambda tmp: missing.to_csv(tmp, index=False))
     log.info("wrote %s: %d rows, %d from models, %d filled with the prior (listed in %s)", out_csv, len(submission),
-             len(submission) - len(missing), len(missing), MISSING_LOG)
+             len(submission) - len(missing), len(missing), missing_log(out_csv).name)
     return submission

@@ -83,13 +83,24 @@ def show(
 ) -> None:
     """Draw one sample as a grid of slices x windows and save it as a PNG."""
     from cache.io import atomic_write
-    from cache.rsna import slug
+    from cache.rsna import parse_condition, parse_level, slug
 
+    try:
+        condition, level = parse_condition(condition), parse_level(level)
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
     c = _open(path)
     view = c.select(study_id=study, condition=condition, level=level)
     if not 0 <= row < len(view):
-        typer.secho(f"error: {len(view)} samples match study {study}, {condition!r}, {level!r}; --row {row} is "
-                    "out of range", fg="red", err=True)
+        studies = c.index["study_id"].drop_duplicates()
+        if study not in set(studies):
+            why = f"study {study} is not in this cache ({len(studies)} studies, e.g. {studies.head(3).tolist()})"
+        elif not len(view):
+            why = f"study {study} has no {condition} {level} sample (no coordinate, or it failed: see the errors)"
+        else:
+            why = f"{len(view)} samples match study {study}, {condition} {level}; --row {row} is out of range"
+        typer.secho(f"error: {why}", fg="red", err=True)
         raise typer.Exit(2)
     out = out or Path(f"show_{study}_{slug(condition)}_{slug(level)}.png")
     fig = view.show(row)

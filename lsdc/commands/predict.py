@@ -28,11 +28,13 @@ def register(app: typer.Typer) -> None:
         """Fold-ensemble inference on a test cache -> row_id,normal_mild,moderate,severe for every study x 25."""
         import pandas as pd
 
-        from train.predict import MISSING_LOG
+        from lsdc.commands.errors import user_errors
+        from train.predict import missing_log
         from train.predict import predict as run_predict
 
-        sub = run_predict(checkpoints, cache, out, sample_submission=sample_submission, tta=tta, device=device,
-                          temperature=temperature)
-        missing = pd.read_csv(out.parent / MISSING_LOG)
-        typer.echo(f"wrote {out}: {len(sub)} rows ({len(missing)} filled with the training prior, listed in "
-                   f"{out.parent / MISSING_LOG})")
+        with user_errors("predict"):
+            sub = run_predict(checkpoints, cache, out, sample_submission=sample_submission, tta=tta, device=device,
+                              temperature=temperature)
+        missing = pd.read_csv(missing_log(out))
+        typer.echo(f"wrote {out}: {len(sub)} rows ({len(missing)} filled with a prior, listed with its source in "
+                   f"{missing_log(out)})")

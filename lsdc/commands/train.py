@@ -20,30 +20,35 @@ def register(app: typer.Typer) -> None:
         fold: Optional[str] = typer.Option(None, "--fold", help="Fold to train (0-based), or 'all'. Default: 0."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory exactly."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Local backbone weights (.safetensors/.pth)."),
-        epochs: Optional[int] = typer.Option(None, "--epochs"),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per fold (v8: 25)."),
         backbone: Optional[str] = typer.Option(None, "--backbone", help="timm model name."),
         aggregator: Optional[str] = typer.Option(None, "--aggregator", help="weighted | attention | bigru."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per step (v8: 12)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:1."),
     ) -> None:
         """Train the per-slice model on a cache (v8 defaults). Multi-GPU: torchrun --nproc_per_node N -m lsdc train."""
         import logging
 
+        from lsdc.commands.errors import user_errors
         from train.config import TrainConfig
         from train.loop import fit
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        named = {"epochs": epochs, "backbone": backbone, "aggregator": aggregator, "batch_size": batch_size,
+                 "device": device, "weights": str(weights) if weights is not None else None}
         if resume is not None:
-            if out is not None or config is not None or set_:
-                raise typer.BadParameter("--resume continues a run with its own config.json: give only CACHE "
-                                         "(optional) with it")
-            fit(cache, resume, resume=True)
+            given = [f"--{k.replace('_', '-')}" for k, v in named.items() if v is not None]
+            given += ["OUT"] * (out is not None) + ["--config"] * (config is not None) + ["--set"] * bool(set_)
+            given += ["--fold"] * (fold is not None)
+            if given:
+                raise typer.BadParameter(f"--resume continues a run exactly with its own config.json, so {', '.join(given)}"
+                                         " cannot change it: give only CACHE (optional) with --resume")
+            with user_errors("train"):
+                fit(cache, resume, resume=True)
             return
         if cache is None or out is None:
             raise typer.BadParameter("give CACHE and OUT (or --resume RUN_DIR)")
         cfg = TrainConfig.from_file(config) if config is not None else TrainConfig()
-        named = {"epochs": epochs, "backbone": backbone, "aggregator": aggregator, "batch_size": batch_size,
-                 "device": device, "weights": str(weights) if weights is not None else None}
         d = cfg.to_dict()
         d.update({k: v for k, v in named.items() if v is not None})
         if fold is not None:
@@ -52,4 +57,5 @@ def register(app: typer.Typer) -> None:
             cfg = TrainConfig.from_dict(d).with_overrides(set_)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        fit(cache, out, cfg)
+        with user_errors("train"):
+            fit(cache, out, cfg)
