@@ -311,3 +311,19 @@ def test_cli_synth(tmp_path: Path):
     assert manifest["config"]["difficulty"] == 0.3 and manifest["config"]["image_size"] == [48, 64]
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--image-size", "64,32"])
     assert bad.exit_code != 0 and "LO,HI" in bad.output
+
+
+def test_refuses_to_mix_datasets_unless_overwrite(tmp_path):
+    from prep.synth import synth
+
+    out = tmp_path / "data"
+    synth(out, studies=1, image_size=(32, 48), progress=False)
+    synth(out, studies=1, image_size=(32, 48), progress=False)  # same settings: the same bytes again
+    with pytest.raises(ValueError, match="other settings"):
+        synth(out, studies=2, image_size=(32, 48), progress=False)
+    summary = synth(out, studies=2, image_size=(32, 48), progress=False, overwrite=True)
+    assert summary["train_studies"] == 2 and len(list((out / "train_images").iterdir())) == 2
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a dataset")
+    with pytest.raises(ValueError, match="not empty"):
+        synth(tmp_path / "mine", studies=1, image_size=(32, 48), progress=False, overwrite=True)

@@ -35,10 +35,14 @@ def register(app: typer.Typer) -> None:
                                                 help="Reuse the first N studies of real competition tables."),
         faults: bool = typer.Option(False, "--faults", help="Add fault studies and faults.json."),
         workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes rendering studies in parallel."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a synthetic dataset made with other options."),
     ) -> None:
         """Write a synthetic dataset in the RSNA 2024 lumbar spine layout: CSVs + DICOM series from 3D phantoms."""
+        from lsdc.commands.errors import user_errors
         from prep.synth import synth
 
-        summary = synth(out, studies=studies, seed=seed, image_size=parse_size(image_size), difficulty=difficulty,
-                        from_tables=from_tables, faults=faults, workers=workers)
+        with user_errors("synth"):
+            summary = synth(out, studies=studies, seed=seed, image_size=parse_size(image_size),
+                            difficulty=difficulty, from_tables=from_tables, faults=faults, workers=workers,
+                            overwrite=overwrite)
         typer.echo(json.dumps(summary, indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -107,10 +108,12 @@ def _describe(study: dict) -> dict:
 
 def synth(out_dir: str | os.PathLike, studies: int = 50, seed: int = 0, image_size: tuple[int, int] = (320, 640),
           difficulty: float = 0.5, from_tables: str | os.PathLike | None = None, faults: bool = False,
-          workers: int = 1, progress: bool | None = None) -> dict:
+          workers: int = 1, progress: bool | None = None, overwrite: bool = False) -> dict:
     """Write a synthetic dataset in the competition layout to ``out_dir``; returns a summary dict.
 
-    The same arguments give byte-identical files whatever ``workers`` is.
+    The same arguments give byte-identical files whatever ``workers`` is. A folder holding a synthetic dataset made
+    with other arguments is refused unless ``overwrite`` (which deletes it first); any other non-empty folder is
+    always refused, so a typo in OUT never mixes two datasets or touches someone else's files.
     """
     lo, hi = int(image_size[0]), int(image_size[1])
     if not (16 <= lo <= hi):
@@ -121,6 +124,7 @@ def synth(out_dir: str | os.PathLike, studies: int = 50, seed: int = 0, image_si
         raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
     cfg = SynthConfig(studies, seed, (lo, hi), float(difficulty), str(from_tables) if from_tables else None, faults)
     out = Path(out_dir)
+    _claim(out, asdict(cfg), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train, test = plan(cfg)
@@ -166,6 +170,22 @@ def _render_all(studies: list[dict], out: Path, cfg: SynthConfig, workers: int, 
                 bar.update()
     bar.close()
     return total
+
+
+def _claim(out: Path, config: dict, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds something else; same settings = the same bytes again (idempotent)."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    manifest = out / "synth_manifest.json"
+    if not manifest.exists():
+        raise ValueError(f"{out} is not empty and holds no lsdc synthetic dataset: choose an empty or new folder")
+    made_with = json.loads(manifest.read_text()).get("config")
+    if made_with == json.loads(json.dumps(config)):
+        return
+    if not overwrite:
+        raise ValueError(f"{out} holds a synthetic dataset made with other settings ({made_with}); choose another "
+                         "folder, or pass --overwrite (overwrite=True) to delete it and write the new one")
+    shutil.rmtree(out)
 
 
 def load_phantom(data_dir: str | os.PathLike, study_id: int):
