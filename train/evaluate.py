@@ -18,7 +18,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import confusion_matrix
 
-from cache.io import atomic_write_json, atomic_write_text
+from cache.io import atomic_write_json, atomic_write_text, json_safe
 from cache.rsna import CONDITION_GROUP, CONDITIONS, LABELS, LEVELS, PROB_COLUMNS
 from train.score import GROUPS, PARTS, competition_score, group_log_loss, labels_long, normalise_probs, scored_rows
 
@@ -179,23 +179,12 @@ def evaluate(inputs: list[str | os.PathLike], labels_csv: str | os.PathLike | No
     return result
 
 
-def _finite(obj: Any) -> Any:
-    """NaN -> None so the JSON is standard (json.dumps would write a bare NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
-    atomic_write_json(out_dir / "score.json", _finite(result))
+    atomic_write_json(out_dir / "score.json", json_safe(result))
     atomic_write_text(out_dir / "score.md", markdown(result))
     if "temperature" in result:
         t = result["temperature"]
-        atomic_write_json(out_dir / "temperature.json", _finite({
+        atomic_write_json(out_dir / "temperature.json", json_safe({
             "temperature": t["temperature"], "score_before": t["before"]["score"], "score_after": t["after"]["score"],
             "fitted_on": result["inputs"],
         }))

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import cache
-from cache.io import atomic_write, atomic_write_json, progress_enabled, read_jsonl
+from cache.io import atomic_write, atomic_write_json, json_safe, progress_enabled, read_jsonl
 from cache.rsna import LABELS, PROB_COLUMNS
 from train import folds as folds_mod
 from train.augment import augment_batch
@@ -256,7 +256,7 @@ def _select_and_monitor(record: dict, state: dict, cfg: TrainConfig, run_dir: Pa
     if reason:
         events.append({"type": "stop", "fold": record["fold"], "epoch": record["epoch"], "reason": reason})
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.writelines(json.dumps(_json_safe(e), allow_nan=False) + "\n" for e in events)
+        f.writelines(json.dumps(json_safe(e), allow_nan=False) + "\n" for e in events)
     return reason
 
 
@@ -372,17 +372,6 @@ def _weights_hash(model: torch.nn.Module) -> str:
     for v in model.parameters():
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _json_safe(obj):
-    """NaN/inf -> null: metrics.jsonl stays strict JSON for any reader."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _truncate_metrics(path: Path, fold: int, start: int) -> None:

@@ -116,12 +116,10 @@ def write_json(path: str | os.PathLike, result: dict[str, Any]) -> None:
     atomic_write_json(Path(path), result)
 
 
-def progress_enabled() -> bool:
-    return os.environ.get("LSDC_NO_PROGRESS", "") not in ("1", "true", "yes")
-
-
 def log(msg: str) -> None:
     """Bench progress on stderr (stdout carries the result summary)."""
+    from cache.io import progress_enabled
+
     if progress_enabled():
         print(msg, file=sys.stderr, flush=True)
 
