@@ -37,7 +37,7 @@ class CacheDataset(Dataset):
         self.level = idx["level"].map(LEVELS.index).to_numpy(dtype=np.int64)
         self.condition = idx["condition"].map(conditions.index).to_numpy(dtype=np.int64)
         self.row = idx["row"].to_numpy(dtype=np.int64)
-        self.shape = tuple(reader[int(self.positions[0])].shape) if len(self.positions) else None
+        self.shape = tuple(reader.shape) if len(self.positions) else None  # from the manifest: no read needed
         self.images: np.ndarray | None = None
         if in_memory:
             self.load_into_memory()
