@@ -27,8 +27,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from cache.rsna import CONDITIONS, LEVELS, SERIES_DESCRIPTIONS
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+# v2: the index checksum is sha256-128 (v1: blake2b-128); chunks and tables are unchanged.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 
 ARRAY = "crops"
 DIMENSIONS = ("sample", "slice", "window", "y", "x")
@@ -124,9 +125,28 @@ class ChecksumError(CacheError):
     """A chunk cannot be decoded or its pixels do not match the index checksum."""
 
 
-def checksum(stack: np.ndarray) -> str:
-    """Content digest of a sample: blake2b-128 of its raw C-order uint8 bytes (~1.5 ms for 7x3x256x256)."""
-    return hashlib.blake2b(np.ascontiguousarray(stack).data, digest_size=16).hexdigest()
+# The index's content digest of a sample, 32 hex digits. sha256 runs on the CPU's SHA extensions where it has them:
+# 0.78 ms per 7x3x256x256 sample here, against 1.5 ms for blake2b, which format version 1 used.
+CHECKSUMS: dict[str, Any] = {
+    "sha256-128": lambda data: hashlib.sha256(data).hexdigest()[:32],
+    "blake2b-128": lambda data: hashlib.blake2b(data, digest_size=16).hexdigest(),
+}
+CHECKSUM = "sha256-128"
+
+
+def checksum(stack: np.ndarray, algorithm: str = CHECKSUM) -> str:
+    """Content digest of a sample: `algorithm` of its raw C-order uint8 bytes (the first 128 bits, as hex)."""
+    return CHECKSUMS[algorithm](np.ascontiguousarray(stack).data)
+
+
+def checksum_algorithm(manifest: dict[str, Any]) -> str:
+    """The algorithm behind a cache's index checksums (version 1 caches predate the manifest field)."""
+    named = (manifest.get("array") or {}).get("checksum")
+    if named:
+        if named not in CHECKSUMS:
+            raise CacheFormatError(f"unknown checksum algorithm {named!r}; this lsdc knows {list(CHECKSUMS)}")
+        return named
+    return "blake2b-128" if manifest.get("format_version") == 1 else CHECKSUM
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """Reading a cache (train, notebooks): `cache.open(path)` -> CacheReader; `verify(path)` -> the bad rows.
 
 Zarr returns the fill value for a chunk that is absent, so every read first checks that its chunk exists: a lost
-file raises MissingChunkError instead of giving a black sample. A corrupted chunk fails to decode (zstd frames carry
-a checksum) and raises ChecksumError. Comparing pixels with the index checksum costs ~1.5 ms per sample, so reads
+file raises MissingChunkError instead of giving a black sample. A corrupted chunk fails its CRC-32C (or zstd's frame
+checksum) and raises ChecksumError. Local caches with the plain codecs are read file by file (cache.chunks), straight
+into the caller's buffer, with the same checks. Comparing pixels with the index checksum costs ~1.5 ms per sample, so reads
 skip it unless `verify_checksums=True`; `verify()` / `lsdc cache verify` check every row.
 """
 
@@ -24,6 +25,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cache import format as fmt
+from cache.chunks import chunk_path, plain_layout, read_chunk_into
 from cache.format import CacheError, CacheNotFinalised, ChecksumError, MissingChunkError
 from cache.rsna import LABELS
 
@@ -78,6 +80,7 @@ class CacheReader:
         self._store: Any = None
         self._prefix = ""
         self._pid = -1
+        self._plain: tuple[Path, str] | None = None  # (array dir, codec) when chunks are read as files (cache.chunks)
         self._checksums: dict[int, str] | None = None
         self._disk: dict[str, int] | None = None
         self._rows: np.ndarray | None = None  # the index's row column as numpy: a pandas lookup per read costs ~5 %
@@ -95,6 +98,11 @@ class CacheReader:
         if self._pid != os.getpid():
             self._store, self._prefix = _store_of(self.path)
             self._array = zarr.open_array(self._store, path=f"{self._prefix}{fmt.ARRAY}", mode="r")
+            self._plain = None
+            if isinstance(self._store, LocalStore):
+                array_dir = Path(self._store.root) / self._prefix / fmt.ARRAY
+                codec = plain_layout(array_dir)
+                self._plain = (array_dir, codec) if codec else None
             self._pid = os.getpid()
 
     @property
@@ -111,35 +119,62 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        """The i-th sample of this (view's) index: uint8 (S, 3, H, W)."""
+    def _row(self, i: int) -> int:
         n = len(self.index)
         i = int(i)
         if not -n <= i < n:
             raise IndexError(f"sample {i} out of range for {n} samples")
         if self._rows is None:
             self._rows = self.index["row"].to_numpy(dtype=np.int64)
-        return self.read_row(int(self._rows[i]))
+        return int(self._rows[i])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """The i-th sample of this (view's) index: uint8 (S, 3, H, W)."""
+        return self.read_row(self._row(i))
+
+    def read_into(self, i: int, out: np.ndarray) -> np.ndarray:
+        """The i-th sample written into ``out`` (uint8, C-contiguous, one sample's shape, e.g. a slot of a batch
+        array): with the plain codecs the file is read straight into it, with no intermediate copy."""
+        if out.dtype != np.uint8 or tuple(out.shape) != self.shape or not out.flags.c_contiguous:
+            raise ValueError(f"read_into needs a C-contiguous uint8 array of shape {self.shape}, got "
+                             f"{out.dtype} {out.shape}")
+        return self.read_row(self._row(i), out)
+
+    def _missing(self, row: int, key: str) -> MissingChunkError:
+        return MissingChunkError(f"cache {self.path}: row {row} has no data (chunk {key} is missing); "
+                                 f"run `lsdc cache verify {self.path}` and rebuild the cache")
 
     def _chunk_exists(self, key: str) -> bool:
         if isinstance(self._store, LocalStore):  # a stat, ~100x cheaper than a trip through zarr's event loop
             return (Path(self._store.root) / key).is_file()
         return bool(sync(self._store.exists(key)))
 
-    def read_row(self, row: int) -> np.ndarray:
-        """The sample stored at data row `row` (the index's `row` column)."""
+    def read_row(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The sample stored at data row `row` (the index's `row` column), in ``out`` when given."""
         self._open()
         key = f"{self._prefix}{_chunk_key(row)}"
         if not 0 <= row < self._array.shape[0]:
             raise IndexError(f"cache {self.path}: row {row} outside 0..{self._array.shape[0] - 1}")
-        if not self._chunk_exists(key):
-            raise MissingChunkError(f"cache {self.path}: row {row} has no data (chunk {key} is missing); "
-                                    f"run `lsdc cache verify {self.path}` and rebuild the cache")
-        try:
-            stack = self._array[row]
-        except Exception as e:  # any decode failure means the bytes on disk are not what was written
-            raise ChecksumError(f"cache {self.path}: row {row}: chunk {key} cannot be decoded, it is corrupted "
-                                f"({type(e).__name__}: {e})") from e
+        if self._plain is not None:
+            array_dir, codec = self._plain
+            stack = np.empty(self._array.shape[1:], np.uint8) if out is None else out
+            try:
+                read_chunk_into(chunk_path(array_dir, row), stack, codec)
+            except FileNotFoundError:
+                raise self._missing(row, key) from None
+            except ChecksumError as e:
+                raise ChecksumError(f"cache {self.path}: row {row}: {e}") from None
+        else:
+            if not self._chunk_exists(key):
+                raise self._missing(row, key)
+            try:
+                stack = self._array[row]
+            except Exception as e:  # any decode failure means the bytes on disk are not what was written
+                raise ChecksumError(f"cache {self.path}: row {row}: chunk {key} cannot be decoded, it is corrupted "
+                                    f"({type(e).__name__}: {e})") from e
+            if out is not None:
+                out[...] = stack
+                stack = out
         if self.verify_checksums:
             self._check(row, stack, key)
         return stack
@@ -148,7 +183,7 @@ class CacheReader:
         if self._checksums is None:
             self._checksums = dict(zip(self.index["row"].tolist(), self.index["checksum"].tolist(), strict=True))
         want = self._checksums.get(row)
-        if want is not None and fmt.checksum(stack) != want:
+        if want is not None and fmt.checksum(stack, fmt.checksum_algorithm(self.manifest)) != want:
             raise ChecksumError(f"cache {self.path}: row {row}: pixels of chunk {key} do not match the index "
                                 f"checksum {want}; the chunk is corrupted")
 
@@ -260,6 +295,7 @@ def verify(path: str | os.PathLike | CacheReader, on_row: Callable[[int], None] 
     reader._open()
     store, prefix = reader._store, reader._prefix
     existing = set(sync(_collect(store.list_prefix(f"{prefix}{fmt.ARRAY}/"))))
+    algorithm = fmt.checksum_algorithm(reader.manifest)
     bad = []
     for n, rec in enumerate(reader.index[["row", "study_id", "condition", "level", "checksum"]].itertuples(), 1):
         key = f"{prefix}{_chunk_key(rec.row)}"
@@ -272,7 +308,7 @@ def verify(path: str | os.PathLike | CacheReader, on_row: Callable[[int], None] 
             except Exception as e:  # a decode failure is the finding we report, not a crash of verify
                 problem, detail = "corrupt", f"{type(e).__name__}: {e}"
             else:
-                got = fmt.checksum(stack)
+                got = fmt.checksum(stack, algorithm)
                 if got != rec.checksum:
                     problem, detail = "checksum", f"expected {rec.checksum}, got {got}"
         if problem:

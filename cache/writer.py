@@ -1,7 +1,8 @@
 """Writing a cache (used by prep): create or resume, write samples by row from many processes, finalise last.
 
 Every sample is its own chunk, so two tasks writing different rows never touch the same file, and zarr's local
-store writes each chunk by temp-file-and-rename: a killed writer leaves the old chunk or the new one, never half.
+store (or cache.chunks, for the plain codecs) writes each chunk by temp-file-and-rename: a killed writer leaves the
+old chunk or the new one, never half.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from cache import format as fmt
+from cache.chunks import chunk_path, plain_layout, write_chunk
 from cache.format import CacheConfigMismatch, CacheError, CacheLocked, MissingChunkError
 from cache.io import atomic_write, atomic_write_json
 
@@ -56,6 +58,7 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike):
         self.root = local_path(path)
         self._array: zarr.Array | None = None
+        self._plain: str | None = None  # 'crc32c' / 'none': chunks are written as files directly (cache.chunks)
         self._pid = -1
 
     # --- opening -------------------------------------------------------------------------------------------------
@@ -82,6 +85,11 @@ class CacheWriter:
             writer = cls(root)
             build = zarr.open_group(str(root), mode="r").attrs.get("build", {})
             have_hash, have_shape = build.get("config_hash"), tuple(build.get("shape", ()))
+            if build.get("format_version") != fmt.FORMAT_VERSION:
+                raise CacheConfigMismatch(
+                    f"cache at {root} was started by an lsdc writing cache format {build.get('format_version')}, "
+                    f"this one writes format {fmt.FORMAT_VERSION}; rebuild it (`lsdc prep --clean`, clean=True in "
+                    "Python) or choose another output path")
             if have_hash != want_hash:
                 raise CacheConfigMismatch(
                     f"cache at {root} was built with config {have_hash}, this build's config is {want_hash} "
@@ -129,6 +137,7 @@ class CacheWriter:
             array = zarr.open_array(str(self.root), path=fmt.ARRAY, mode="r+")
             # An all-zero sample must still be stored, else a reader could not tell it from a missing one.
             self._array = array.with_config({"write_empty_chunks": True})
+            self._plain = plain_layout(self.root / fmt.ARRAY)
             self._pid = os.getpid()
         return self._array
 
@@ -145,7 +154,10 @@ class CacheWriter:
             raise ValueError(f"cache {self.root}: row {row} needs a uint8 array of shape {array.shape[1:]}, got {got}")
         if not 0 <= int(row) < array.shape[0]:
             raise IndexError(f"cache {self.root}: row {row} outside 0..{array.shape[0] - 1}")
-        array[int(row)] = stack
+        if self._plain:  # the bytes zarr would write, without its event loop (~2x faster per sample)
+            write_chunk(chunk_path(self.root / fmt.ARRAY, row), stack, self._plain)
+        else:
+            array[int(row)] = stack
         return fmt.checksum(stack)
 
     def save_task(self, key: str, records: list[dict[str, Any]]) -> None:
@@ -186,6 +198,7 @@ class CacheWriter:
             "dimension_names": list(fmt.DIMENSIONS), "codec": build["codec"],
             "codecs": [c.to_dict() for c in array.metadata.codecs],
             "chunk_key": f"{fmt.ARRAY}/c.{{row}}.0.0.0.0", "raw_bytes_per_sample": int(np.prod(array.shape[1:])),
+            "checksum": fmt.CHECKSUM,
         }
         manifest = fmt.build_manifest(build["config"], array_info, index, errors, extra_manifest)
         if manifest["config_hash"] != build["config_hash"]:

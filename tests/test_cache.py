@@ -206,8 +206,36 @@ def test_unfinalised_cache_refused(tmp_path: Path) -> None:
 def test_unknown_format_version_refused(built: Path) -> None:
     manifest = json.loads((built / "manifest.json").read_text())
     (built / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(cache.CacheFormatError, match=r"format_version 99.*versions \[1\]"):
+    with pytest.raises(cache.CacheFormatError, match=r"format_version 99.*versions \[1, 2\]"):
         cache.open(built)
+
+
+def test_format_1_cache_still_verifies(built: Path) -> None:
+    """Version 1 wrote blake2b-128 index checksums and no manifest field naming them: still read and verified."""
+    import hashlib
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["array"]["checksum"] == "sha256-128"
+    assert manifest["format_version"] == 2
+    del manifest["array"]["checksum"]
+    (built / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    index = pq.read_table(built / "index.parquet")
+    old = [hashlib.blake2b(h.stack(r).tobytes(), digest_size=16).hexdigest() for r in index["row"].to_pylist()]
+    pq.write_table(index.set_column(index.schema.get_field_index("checksum"), "checksum", [old]),
+                   built / "index.parquet")
+    assert cache.verify(built).empty
+    assert np.array_equal(cache.open(built, verify_checksums=True)[4], h.stack(4))
+    pq.write_table(index, built / "index.parquet")  # sha256 digests in a version-1 cache: every row is flagged
+    assert set(cache.verify(built)["problem"]) == {"checksum"}
+
+
+def test_unfinished_build_of_another_format_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c"
+    h.build(path, n=2, finalise=False)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["build"] = {**group.attrs["build"], "format_version": 1}
+    with pytest.raises(cache.CacheConfigMismatch, match="cache format 1, this one writes format 2.*--clean"):
+        cache.CacheWriter.create(path, n_rows=2, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
 
 
 def test_finalise_checks_index(tmp_path: Path) -> None:

@@ -42,18 +42,13 @@ class CacheDataset(Dataset):
         if in_memory:
             self.load_into_memory()
 
-    def _read(self, i: int) -> np.ndarray:
-        stack = self.reader[int(self.positions[i])]
-        if stack.dtype != np.uint8 or tuple(stack.shape) != self.shape:
-            raise ValueError(f"cache row {self.row[i]}: expected uint8 {self.shape}, got {stack.dtype} {stack.shape}")
-        return stack
-
     def load_into_memory(self, threads: int = 8) -> None:
-        """Read every selected sample once (threads: Zarr decompression releases the GIL); later epochs index RAM."""
+        """Read every selected sample once (threads: file reads and CRC checks release the GIL); later epochs index
+        RAM."""
         images = np.empty((len(self), *self.shape), dtype=np.uint8)
 
         def read(i: int) -> None:
-            images[i] = self._read(i)
+            self.reader.read_into(int(self.positions[i]), images[i])
 
         with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1))) as pool:
             list(pool.map(read, range(len(self))))
@@ -77,7 +72,7 @@ class CacheDataset(Dataset):
         else:
             out = np.empty((len(idx), *self.shape), dtype=np.uint8)
             for k, i in enumerate(idx):
-                out[k] = self._read(int(i))
+                self.reader.read_into(int(self.positions[i]), out[k])  # each chunk lands in its batch slot
             image = torch.from_numpy(out)
         batch = {"image": image, "label": torch.from_numpy(self.label[idx]),
                  "level": torch.from_numpy(self.level[idx]), "condition": torch.from_numpy(self.condition[idx]),

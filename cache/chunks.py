@@ -1,0 +1,87 @@
+"""Direct file I/O for the cache's chunks when they are plain bytes (codec `crc32c` or `none`) on a local disk.
+
+A chunk of such an array is, by the Zarr v3 spec, the sample's C-order bytes followed (with `crc32c`) by their
+CRC-32C as 4 little-endian bytes. Zarr reads one through its async store, codec pipeline and an output copy, ~0.7 ms
+per 1.4 MB sample; reading the file straight into the caller's batch buffer and checking the CRC costs ~0.3 ms, and
+writing is likewise cheaper. The bytes are exactly zarr's (tests/test_cache_chunks.py reads what this writes with
+plain zarr and the other way round), and any other codec, store or layout goes through zarr as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from cache.format import ChecksumError
+
+CRC_BYTES = 4
+
+
+def plain_codec(codecs: list[dict[str, Any]]) -> str | None:
+    """'crc32c' or 'none' when an array's codec chain (zarr.json's `codecs`) stores raw uint8 bytes, else None."""
+    names = [c.get("name") for c in codecs]
+    if not names or names[0] != "bytes":
+        return None
+    if names[1:] == ["crc32c"]:
+        return "crc32c"
+    return "none" if names[1:] == [] else None
+
+
+def chunk_path(array_dir: Path, row: int) -> Path:
+    """The chunk file of a sample (chunk key encoding 'default' with '.' as separator, cache.format)."""
+    return array_dir / f"c.{int(row)}.0.0.0.0"
+
+
+def write_chunk(path: Path, stack: np.ndarray, codec: str) -> None:
+    """Write one sample's chunk atomically: a temp file (never taken for a chunk by format.chunk_row), then rename."""
+    data = np.ascontiguousarray(stack)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data.data)
+        if codec == "crc32c":
+            f.write(int(google_crc32c.value(data)).to_bytes(CRC_BYTES, "little"))
+    os.replace(tmp, path)
+
+
+def read_chunk_into(path: Path, out: np.ndarray, codec: str) -> None:
+    """Fill ``out`` (a C-contiguous uint8 array of one sample's shape) from its chunk file.
+
+    Raises FileNotFoundError for an absent chunk and ChecksumError for one of the wrong size or CRC (a torn or
+    corrupted file): a reader must never hand out pixels the writer did not write.
+    """
+    want = out.nbytes + (CRC_BYTES if codec == "crc32c" else 0)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != want:
+            raise ChecksumError(f"chunk {path} holds {size} bytes, a sample needs {want}: the file is truncated "
+                                "or not this cache's")
+        got = f.readinto(memoryview(out).cast("B"))
+        trailer = f.read(CRC_BYTES) if codec == "crc32c" else b""
+    if got != out.nbytes:
+        raise ChecksumError(f"chunk {path}: short read ({got} of {out.nbytes} bytes)")
+    if codec == "crc32c" and int(google_crc32c.value(out)) != int.from_bytes(trailer, "little"):
+        raise ChecksumError(f"chunk {path}: CRC-32C mismatch, the file is corrupted")
+
+
+def plain_layout(array_dir: Path) -> str | None:
+    """The plain codec of a local cache array whose chunks this module can read and write directly, else None.
+
+    Checks the array's own zarr.json, so a cache written by another tool with another layout falls back to zarr.
+    """
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    encoding = meta.get("chunk_key_encoding") or {}
+    chunks = ((meta.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
+    shape = meta.get("shape") or []
+    if (meta.get("data_type") != "uint8" or encoding.get("name") != "default"
+            or (encoding.get("configuration") or {}).get("separator") != "."
+            or chunks != [1, *shape[1:]] or meta.get("storage_transformers")):
+        return None
+    return plain_codec(meta.get("codecs") or [])
