@@ -112,17 +112,20 @@ def test_load_bench_and_cli_report(prep_result, tmp_path):
     result = json.loads(out.read_text())
     run = result["runs"][0]
     assert result["samples"] == 15 and result["sample_shape"] == [3, 3, 32, 32]
-    for key in ("raw_zarr", "reader", "loader_w0", "loader_w1", "in_memory"):
+    for key in ("raw_file", "raw_zarr", "reader", "loader_w0", "loader_w1", "in_memory"):
         assert run[key]["samples"] == 15, key
     assert run["v8_w0"]["samples"] == run["v8_w1"]["samples"] == 4
     assert run["ratios"]["loader_w0_over_raw"] == pytest.approx(
-        run["loader_w0"]["samples_per_s"] / run["raw_zarr"]["samples_per_s"])
+        run["loader_w0"]["samples_per_s"] / run["raw_file"]["samples_per_s"])
+    assert run["ratios"]["cached_over_v8_best"] == pytest.approx(
+        max(run["loader_w0"]["samples_per_s"], run["loader_w1"]["samples_per_s"])
+        / max(run["v8_w0"]["samples_per_s"], run["v8_w1"]["samples_per_s"]))
     assert set(result["targets"]) == {"loader_over_raw", "cached_over_v8"}
     # the report: one section, replaced (not duplicated) on a second update, the prose kept
     assert runner.invoke(app, args).exit_code == 0
     text = doc.read_text()
     assert text.count("<!-- lsdc-bench:load:start -->") == 1 and "Hand-written prose that must survive." in text
-    assert "lsdc bench load" in text and "train loader (0 workers) / raw zarr read" in text
+    assert "lsdc bench load" in text and "train loader (0 workers) / raw file read" in text
 
 
 def test_train_bench_counts(prep_result):
@@ -150,4 +153,4 @@ def test_report_appends_sections_per_bench(tmp_path):
     update_report(doc, {**base, "bench": "load"})
     text = doc.read_text()
     assert text.startswith("# Benchmarks") and text.count("lsdc-bench:load:start") == 1
-    assert "| cache.open(...)[i] / raw zarr read | **1.00** | 0.90 – 1.10 | 3 |" in text
+    assert "| cache.open(...)[i] / raw file read | **1.00** | 0.90 – 1.10 | 3 |" in text

@@ -1,7 +1,8 @@
 """`lsdc bench load CACHE`: train.data's real loader against a raw read of the same chunks and the v8-style loader.
 
-  raw_zarr    plain `zarr` array[row] over the samples, one process: the floor any loader sits on
-  reader      cache.open(...)[i] (adds the chunk-exists check that turns a lost file into an error)
+  raw_file    each chunk file read into one reused buffer, nothing checked or decoded: the floor any loader sits on
+  raw_zarr    plain `zarr` array[row] over the samples, one process (what a reader without lsdc gets)
+  reader      cache.open(...)[i] (chunk read into a new array, size and CRC-32C checked; a lost file is an error)
   loader_wK   train.data.CacheDataset + make_loader (shuffled, batches, K worker processes), steady-state epoch
   in_memory   the same loader after CacheDataset.load_into_memory (train's 'auto' mode when the samples fit in RAM)
   v8_wK       lsdc.bench.v8_loader.V8Dataset in a DataLoader with K workers (decodes 7 DICOM files per sample)
@@ -20,6 +21,18 @@ import numpy as np
 from lsdc.bench.common import log, machine_info, ratio, spread
 
 TARGETS = {"loader_over_raw": (">=", 0.8), "cached_over_v8": (">=", 30.0)}
+
+
+def raw_file_read(path: str, rows: np.ndarray) -> dict[str, Any]:
+    from cache.chunks import chunk_path
+
+    array_dir = Path(path) / "crops"
+    buf = bytearray((array_dir / next(p.name for p in array_dir.iterdir() if p.name.startswith("c."))).stat().st_size)
+    t0, total = time.perf_counter(), 0
+    for r in rows:
+        with open(chunk_path(array_dir, int(r)), "rb", buffering=0) as f:
+            total += f.readinto(buf)
+    return _rate(len(rows), time.perf_counter() - t0)
 
 
 def raw_read(path: str, rows: np.ndarray) -> dict[str, Any]:
@@ -72,7 +85,8 @@ def interleaved(reader, dataset, path: str, rows: np.ndarray, order: np.ndarray,
     best: dict[str, dict[str, Any]] = {}
     for p in range(passes):
         n, seconds = _epoch(loader, p + 1)
-        measured = {"raw_zarr": raw_read(path, rows), "reader": reader_read(reader, order),
+        measured = {"raw_file": raw_file_read(path, rows), "raw_zarr": raw_read(path, rows),
+                    "reader": reader_read(reader, order),
                     "loader_w0": {**_rate(n, seconds), "workers": 0}}
         for key, m in measured.items():
             if key not in best or m["samples_per_s"] > best[key]["samples_per_s"]:
@@ -176,12 +190,19 @@ def _rate(n: int, seconds: float) -> dict[str, Any]:
 
 
 def _ratios(run: dict, workers: tuple[int, ...], v8_workers: tuple[int, ...]) -> dict[str, float]:
-    raw = run["raw_zarr"]["samples_per_s"]
-    out = {"reader_over_raw": ratio(run["reader"]["samples_per_s"], raw)}
+    raw = run["raw_file"]["samples_per_s"]
+    out = {"reader_over_raw": ratio(run["reader"]["samples_per_s"], raw),
+           "raw_zarr_over_raw": ratio(run["raw_zarr"]["samples_per_s"], raw)}
     for w in sorted({0, *workers}):
         out[f"loader_w{w}_over_raw"] = ratio(run[f"loader_w{w}"]["samples_per_s"], raw)
     if "in_memory" in run:
         out["in_memory_over_raw"] = ratio(run["in_memory"]["samples_per_s"], raw)
+    # An epoch as each side would run it: our fastest loader setting against v8's fastest (on a 2-core machine our
+    # loader is fastest without worker processes, v8's with them).
+    ours = {k: run[k]["samples_per_s"] for k in run if k.startswith("loader_w")}
+    v8 = {k: run[k]["samples_per_s"] for k in run if k.startswith("v8_w")}
+    if ours and v8:
+        out["cached_over_v8_best"] = ratio(max(ours.values()), max(v8.values()))
     for w in v8_workers:  # a cached epoch against a v8 epoch with the same number of loader workers
         if f"v8_w{w}" in run and f"loader_w{w}" in run:
             out[f"cached_over_v8_w{w}"] = ratio(run[f"loader_w{w}"]["samples_per_s"], run[f"v8_w{w}"]["samples_per_s"])
@@ -197,8 +218,6 @@ def _targets(result: dict, workers: tuple[int, ...], v8_workers: tuple[int, ...]
     out = {}
     # the loader's own overhead, without worker processes to hide it
     out["loader_over_raw"] = _verdict(r["loader_w0_over_raw"]["median"], *TARGETS["loader_over_raw"])
-    cached = [k for k in r if k.startswith("cached_over_v8_w")]
-    if cached:
-        worst = min(r[k]["median"] for k in cached)
-        out["cached_over_v8"] = _verdict(worst, *TARGETS["cached_over_v8"])
+    if "cached_over_v8_best" in r:
+        out["cached_over_v8"] = _verdict(r["cached_over_v8_best"]["median"], *TARGETS["cached_over_v8"])
     return out
