@@ -66,9 +66,13 @@ def plan_tasks(samples: pd.DataFrame, data_dir: Path, split: str) -> list[dict[s
 
     The key carries a digest of the samples, so a resumed build never reuses a task whose inputs changed.
     """
+    # One conversion of the whole table, then plain grouping: a pandas round trip per series costs ~6 ms, which is
+    # ~40 s of planning for the competition's 6,000 series.
+    rows_of: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for row in samples.astype(object).where(samples.notna(), None).to_dict("records"):
+        rows_of.setdefault((row["study_id"], row["series_id"]), []).append(row)
     tasks = []
-    for (study, series), group in samples.groupby(["study_id", "series_id"], sort=True):
-        rows = group.astype(object).where(group.notna(), None).to_dict("records")
+    for (study, series), rows in sorted(rows_of.items()):
         digest = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:10]
         tasks.append({"key": f"{study}/{series}/{digest}", "samples": rows,
                       "series_dir": str(data_dir / f"{split}_images" / str(study) / str(series))})
@@ -99,21 +103,29 @@ def _failed_task(task: dict[str, Any], e: BaseException) -> list[Record]:
 _USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")  # before any nanny of this process sets it
 
 
+# glibc malloc settings for build workers (docs/benchmarks.md). Arrays below 64 MB come from the heap and freed
+# heap stays with the process: a worker reuses the same few hundred MB for every series instead of mmap'ing,
+# page-faulting and unmapping each MB-sized slice, crop and sample (0.4-1.4 M minor faults per 500 samples, ~15 % of
+# a worker's time). Either variable, once set, switches off glibc's dynamic thresholds, so both are set together.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def local_cluster(workers: int):
     """A LocalCluster of ``workers`` processes, one thread each: a worker holds exactly one series at a time.
 
-    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Any explicit value switches off glibc's dynamic
-    mmap threshold, so every MB-sized array (a decoded slice, a crop, a sample) is mmap'd and page-faulted afresh:
-    15x the page faults and ~1.5x the time per sample (docs/benchmarks.md). A worker here holds one series, so
-    trimming saves nothing; the variable is left out (unless the user set it), also from this process's environment,
-    where an earlier nanny put it and whence spawned workers would inherit it.
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's dynamic mmap threshold:
+    every MB-sized array is then mmap'd and page-faulted afresh (15x the page faults, ~1.5x the time per sample,
+    docs/benchmarks.md). The workers here get WORKER_MALLOC_ENV instead, unless the user set either variable. The
+    variable dask's nanny put in this process's environment is removed, so spawned workers never inherit it.
     """
     import dask
     from dask.distributed import LocalCluster
 
     if _USER_MALLOC_TRIM is None:
         os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+    user_set = _USER_MALLOC_TRIM is not None or "MALLOC_MMAP_THRESHOLD_" in os.environ
+    environ = {k: None for k in WORKER_MALLOC_ENV} if user_set else WORKER_MALLOC_ENV
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                             dashboard_address=":0")  # any free port: two builds (or Jupyter) never collide on 8787
 

@@ -36,15 +36,19 @@ class CropBox:
 
 
 def crop_box(x: float, y: float, spacing: tuple[float, float], half_size_mm: float) -> CropBox:
-    """The box of side 2 * half_size_mm centred at pixel (x, y); spacing = PixelSpacing (row = y, column = x) mm."""
+    """The box of side 2 * half_size_mm centred at pixel (x, y); spacing = PixelSpacing (row = y, column = x) mm.
+
+    Sides are an even number of pixels (within one pixel of the wanted mm): the box is then symmetric about the
+    point's pixel edges, and a large box can be halved exactly before its final resize (crop_slice).
+    """
     dy, dx = spacing
-    w, h = max(1, round(2 * half_size_mm / dx)), max(1, round(2 * half_size_mm / dy))
+    w, h = 2 * max(1, round(half_size_mm / dx)), 2 * max(1, round(half_size_mm / dy))
     # Round half up (not Python's half-to-even) so a box moves monotonically with the point.
     return CropBox(math.floor(x - (w - 1) / 2 + 0.5), math.floor(y - (h - 1) / 2 + 0.5), w, h, half_size_mm)
 
 
 def crop_slice(img: np.ndarray, box: CropBox, size: int, pad: float, affine: np.ndarray | None = None) -> np.ndarray:
-    """Cut ``box`` out of ``img`` and resize it to size x size (float32, cv2.INTER_AREA).
+    """Cut ``box`` out of ``img`` and area-resize it to size x size (float32, resize_area).
 
     ``affine`` (from geometry.pixel_to_pixel) maps labelled-grid pixels to ``img``'s pixels when ``img`` is a
     neighbour on another grid: the box is then resampled (bilinear) from the neighbour onto the labelled grid.
@@ -65,6 +69,22 @@ def crop_slice(img: np.ndarray, box: CropBox, size: int, pad: float, affine: np.
             sx0, sy0, sx1, sy1 = max(box.x0, 0), max(box.y0, 0), min(x1, cols), min(y1, rows)
             if sx1 > sx0 and sy1 > sy0:
                 region[sy0 - box.y0:sy1 - box.y0, sx0 - box.x0:sx1 - box.x0] = img[sy0:sy1, sx0:sx1]
+    return resize_area(region, size)
+
+
+def resize_area(region: np.ndarray, size: int) -> np.ndarray:
+    """Area-average a float32 region to size x size, at a third of the cost of OpenCV's general INTER_AREA.
+
+    OpenCV's INTER_AREA is ~20x faster at an exact integer factor than at any other, so a downscale is: exact 2x2
+    means while the region is at least 3x the output (the v8 box of 255 mm on fine axial grids is ~2.5x), then a
+    bilinear resample to 2 x size (a factor within 1.5 either way) followed by exact 2x2 means, i.e. a box filter one
+    output pixel wide over the bilinear image. Against INTER_AREA it differs by < 1 % of the signal and passes noise
+    within ~15 % of it; a plain bilinear resize passes ~1.4-3x as much (aliasing). Upscales use INTER_AREA itself.
+    """
+    while min(region.shape) >= 3 * size and region.shape[0] % 2 == 0 and region.shape[1] % 2 == 0:
+        region = cv2.resize(region, (region.shape[1] // 2, region.shape[0] // 2), interpolation=cv2.INTER_AREA)
     if region.shape == (size, size):
         return np.ascontiguousarray(region, dtype=np.float32)
+    if min(region.shape) > size:
+        region = cv2.resize(region, (2 * size, 2 * size), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)

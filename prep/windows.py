@@ -15,18 +15,42 @@ import numpy as np
 from prep.config import Window
 
 
+HIST_BINS = 4096  # percentile resolution: 1/4096 of the stack's range, ~0.06 of the 255 grey levels of a window
+
+
 def stack_bounds(images: Sequence[np.ndarray], windows: Sequence[Window], stride: int = 1) -> tuple[np.ndarray, float]:
     """-> (bounds (len(windows), 2) float32 intensity limits, stack minimum used as the crop's padding value).
 
-    Percentiles are taken over every ``stride``-th pixel per axis of all distinct slices of the stack together.
+    Percentiles of all distinct slices of the stack together (every ``stride``-th row), read off one histogram of
+    HIST_BINS bins between the stack's exact minimum and maximum: linear interpolation inside a bin puts each bound
+    within 1/4096 of the range of the sampled rows' percentile, and OpenCV's histogram costs a third of numpy's
+    partial sort. Percentiles 0 and 100 are the exact minimum and maximum of every pixel.
     """
-    pixels = np.concatenate([img[::stride, ::stride].ravel() for img in images])
-    qs = sorted({q for w in windows for q in (w.lo, w.hi)} | {0.0})
-    values = dict(zip(qs, np.percentile(pixels, qs)))
-    bounds = np.array([[values[w.lo], values[w.hi]] for w in windows], dtype=np.float32)
-    if values[qs[-1]] <= values[0.0]:
-        raise ValueError(f"stack has one constant intensity ({values[0.0]:g}): nothing to window")
-    return bounds, float(values[0.0])
+    images = [np.ascontiguousarray(img, dtype=np.float32) for img in images]
+    lo = float(min(cv2.minMaxLoc(img)[0] for img in images))  # over every pixel: a lone extreme is never missed
+    hi = float(max(cv2.minMaxLoc(img)[1] for img in images))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("stack holds non-finite intensities (NaN or inf): nothing to window")
+    if hi <= lo:
+        raise ValueError(f"stack has one constant intensity ({lo:g}): nothing to window")
+    top = hi + (hi - lo) * 1e-6  # OpenCV's upper range limit is exclusive: keep the maximum in the last bin
+    hist = None
+    for img in images:
+        hist = cv2.calcHist([img[::stride]], [0], None, [HIST_BINS], [lo, top], hist=hist,  # a row stride is a view
+                            accumulate=hist is not None)
+    cdf = np.concatenate([[0.0], np.cumsum(hist.ravel(), dtype=np.float64)])
+    cdf /= cdf[-1]
+    edges = np.linspace(lo, top, HIST_BINS + 1)
+
+    def percentile(q: float) -> float:
+        if q <= 0.0:
+            return lo
+        if q >= 100.0:
+            return hi
+        return float(min(np.interp(q / 100.0, cdf, edges), hi))  # cdf is flat over empty bins: interp takes the left
+
+    bounds = np.array([[percentile(w.lo), percentile(w.hi)] for w in windows], dtype=np.float32)
+    return bounds, lo
 
 
 def apply_windows(crops: np.ndarray, bounds: np.ndarray) -> np.ndarray:

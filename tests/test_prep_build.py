@@ -171,3 +171,24 @@ def test_prep_imports_no_torch():
             "prep.windows, prep.config, lsdc.commands.prep; "
             "bad = [m for m in ('torch', 'timm', 'train') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_local_cluster_workers_get_prep_malloc_settings(monkeypatch):
+    """Dask's nanny would give workers MALLOC_TRIM_THRESHOLD_=65536 (every MB array mmap'd and faulted afresh);
+    prep's workers get fixed heap thresholds instead, and a user's own setting is left alone."""
+    import os
+
+    import prep.build as pb
+    from dask.distributed import Client
+
+    def env_of(cluster):
+        with Client(cluster) as client:
+            return next(iter(client.run(lambda: {k: os.environ.get(k) for k in pb.WORKER_MALLOC_ENV}).values()))
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(pb, "_USER_MALLOC_TRIM", None)
+    with pb.local_cluster(1) as cluster:
+        assert env_of(cluster) == pb.WORKER_MALLOC_ENV
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's choice wins
+    with pb.local_cluster(1) as cluster:
+        assert env_of(cluster)["MALLOC_MMAP_THRESHOLD_"] == "131072"
