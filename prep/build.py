@@ -100,14 +100,12 @@ def _failed_task(task: dict[str, Any], e: BaseException) -> list[Record]:
                  reason=f"task failed: {type(e).__name__}: {e}") for s in task["samples"]]
 
 
-_USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")  # before any nanny of this process sets it
-
-
 # glibc malloc settings for build workers (docs/benchmarks.md). Arrays below 64 MB come from the heap and freed
 # heap stays with the process: a worker reuses the same few hundred MB for every series instead of mmap'ing,
 # page-faulting and unmapping each MB-sized slice, crop and sample (0.4-1.4 M minor faults per 500 samples, ~15 % of
 # a worker's time). Either variable, once set, switches off glibc's dynamic thresholds, so both are set together.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+_USER_MALLOC = {k: os.environ.get(k) for k in WORKER_MALLOC_ENV}  # before any nanny of this process sets them
 
 
 def local_cluster(workers: int):
@@ -121,9 +119,12 @@ def local_cluster(workers: int):
     import dask
     from dask.distributed import LocalCluster
 
-    if _USER_MALLOC_TRIM is None:
-        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    user_set = _USER_MALLOC_TRIM is not None or "MALLOC_MMAP_THRESHOLD_" in os.environ
+    # Dask's nanny writes the variables it hands to workers into this process's environment too: drop them (unless
+    # the user set them before lsdc was imported), so they are never taken for the user's choice next time.
+    for key, value in _USER_MALLOC.items():
+        if value is None:
+            os.environ.pop(key, None)
+    user_set = any(v is not None for v in _USER_MALLOC.values())
     environ = {k: None for k in WORKER_MALLOC_ENV} if user_set else WORKER_MALLOC_ENV
     with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

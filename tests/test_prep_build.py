@@ -185,10 +185,13 @@ def test_local_cluster_workers_get_prep_malloc_settings(monkeypatch):
         with Client(cluster) as client:
             return next(iter(client.run(lambda: {k: os.environ.get(k) for k in pb.WORKER_MALLOC_ENV}).values()))
 
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.setattr(pb, "_USER_MALLOC_TRIM", None)
+    for key in pb.WORKER_MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(pb, "_USER_MALLOC", {k: None for k in pb.WORKER_MALLOC_ENV})
+    for _ in range(2):  # the nanny writes them into this process's environment: the second cluster must not care
+        with pb.local_cluster(1) as cluster:
+            assert env_of(cluster) == pb.WORKER_MALLOC_ENV
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's choice wins, and dask's 65536 stays out
+    monkeypatch.setattr(pb, "_USER_MALLOC", {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": None})
     with pb.local_cluster(1) as cluster:
-        assert env_of(cluster) == pb.WORKER_MALLOC_ENV
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's choice wins
-    with pb.local_cluster(1) as cluster:
-        assert env_of(cluster)["MALLOC_MMAP_THRESHOLD_"] == "131072"
+        assert env_of(cluster) == {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": None}
