@@ -60,17 +60,24 @@ def _not_empty(path: str | Path) -> None:
         raise DicomError(path, "empty file (0 bytes)")
 
 
-def read_header(path: str | Path, instance_number: int | None = None) -> SliceHeader:
-    """Parse one file's header only. ``instance_number`` (from the file name) is used when the tag is missing."""
+DEFER_BYTES = 4096  # values larger than this (the pixel data) are read from the file only when asked for
+
+
+def _dcmread(path: str | Path, what: str, **kwargs) -> pydicom.Dataset:
+    """pydicom.dcmread with every failure turned into a DicomError naming the file; ``what`` names what was read."""
     try:
         _not_empty(path)
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        return pydicom.dcmread(path, **kwargs)
     except FileNotFoundError:
         raise DicomError(path, "missing file") from None
     except InvalidDicomError as e:
         raise DicomError(path, f"not a DICOM file ({e})") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # truncated or garbled header
-        raise DicomError(path, f"unreadable header ({type(e).__name__}: {e})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # truncated or garbled
+        raise DicomError(path, f"unreadable {what} ({type(e).__name__}: {e})") from None
+
+
+def header_of(ds: pydicom.Dataset, path: str | Path, instance_number: int | None = None) -> SliceHeader:
+    """The slice header of a parsed file. ``instance_number`` (from the file name) is used when the tag is missing."""
     number = ds.get("InstanceNumber")
     number = instance_number if number is None or number == "" else number
     if number is None or ds.get("Rows") is None or ds.get("Columns") is None:
@@ -90,28 +97,48 @@ def read_header(path: str | Path, instance_number: int | None = None) -> SliceHe
     )
 
 
+def read_header(path: str | Path, instance_number: int | None = None) -> SliceHeader:
+    """Parse one file's header only (the geometry's tags; parsing stops before the pixel data)."""
+    ds = _dcmread(path, "header", stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    return header_of(ds, path, instance_number)
+
+
+def read_slice(path: str | Path, instance_number: int | None = None) -> tuple[SliceHeader, pydicom.Dataset | None]:
+    """The header and the parsed file with its pixel data left on disk (deferred), for ``pixels_of`` later: a slice
+    that is indexed and then decoded is parsed once, not twice (~0.5 ms per file). When the whole file does not
+    parse (e.g. cut inside an element after the header), the header alone is read as ``read_header`` does and the
+    dataset is None, so the decode step reads the file again and names its own error."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES) if Path(path).stat().st_size else None
+    except Exception:  # noqa: BLE001 - any failure here is re-diagnosed, and named, by read_header below
+        ds = None
+    if ds is None or "PixelData" not in ds:
+        return read_header(path, instance_number), None
+    return header_of(ds, path, instance_number), ds
+
+
 def read_pixels(path: str | Path) -> np.ndarray:
-    """Decode one slice to float32 in the scanner's output units (slope * stored + intercept).
+    """Decode one slice to float32 in the scanner's output units (see pixels_of)."""
+    return pixels_of(_dcmread(path, "file"), path)
+
+
+def pixels_of(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
+    """A parsed slice's pixels as float32 in the scanner's output units (slope * stored + intercept).
 
     Compressed transfer syntaxes (JPEG lossless, JPEG-LS, JPEG 2000, RLE) decode through pydicom's pylibjpeg
     plugins. MONOCHROME1 (bright = low value) is negated rather than flipped around a per-slice max: windows are
     percentiles of the stack, which are shift-invariant, so -v gives exactly the MONOCHROME2 picture without a
     per-slice constant that would make neighbouring slices disagree.
     """
-    try:
-        _not_empty(path)
-        ds = pydicom.dcmread(path)
-    except FileNotFoundError:
-        raise DicomError(path, "missing file") from None
-    except InvalidDicomError as e:
-        raise DicomError(path, f"not a DICOM file ({e})") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise DicomError(path, f"unreadable file ({type(e).__name__}: {e})") from None
     if "PixelData" not in ds:
         raise DicomError(path, "no pixel data")
-    # The raw element, before conversion: pydicom silently keeps the bytes a cut file still has.
-    raw = ds.get_item("PixelData")
-    declared, held = getattr(raw, "length", None), len(raw.value or b"")
+    # The raw element, before conversion: pydicom silently keeps the bytes a cut file still has. A deferred element
+    # knows its declared length before its value is read.
+    declared = getattr(ds.get_item("PixelData", keep_deferred=True), "length", None)
+    try:
+        held = len(ds.get_item("PixelData").value or b"")
+    except (OSError, EOFError, ValueError) as e:
+        raise DicomError(path, f"unreadable pixel data ({type(e).__name__}: {e})") from None
     if declared is not None and declared != 0xFFFFFFFF and declared != held:  # 0xFFFFFFFF: encapsulated
         raise DicomError(path, f"unreadable pixel data: file truncated (PixelData declares {declared} bytes, "
                                f"the file holds {held})")

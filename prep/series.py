@@ -16,7 +16,7 @@ import numpy as np
 
 from prep.config import PrepConfig
 from prep.crop import CropBox, crop_box, crop_slice
-from prep.dicom import DicomError, SliceHeader, read_header, read_pixels
+from prep.dicom import DicomError, SliceHeader, pixels_of, read_pixels, read_slice
 from prep.geometry import Stack, pixel_to_pixel, stack_around
 from prep.samples import error
 from prep.windows import apply_windows, clahe_channels, stack_bounds
@@ -32,8 +32,13 @@ class SampleError(Exception):
         self.stage, self.reason, self.path = stage, reason, path
 
 
-def index_series(series_dir: Path) -> tuple[list[SliceHeader], dict[str, DicomError]]:
-    """Headers of every *.dcm in the folder, and the files whose header failed, by path."""
+def index_series(series_dir: Path, datasets: dict[str, Any] | None = None
+                 ) -> tuple[list[SliceHeader], dict[str, DicomError]]:
+    """Headers of every *.dcm in the folder, and the files whose header failed, by path.
+
+    ``datasets``, when given, is filled with each file's parsed dataset (pixel data deferred), by path, for
+    SeriesReader: a file that is indexed and then decoded is parsed once.
+    """
     headers: list[SliceHeader] = []
     failed: dict[str, DicomError] = {}
     for name in sorted(os.listdir(series_dir)):
@@ -41,17 +46,22 @@ def index_series(series_dir: Path) -> tuple[list[SliceHeader], dict[str, DicomEr
         if ext.lower() != ".dcm":
             continue
         try:
-            headers.append(read_header(series_dir / name, int(stem) if stem.isdigit() else None))
+            header, ds = read_slice(series_dir / name, int(stem) if stem.isdigit() else None)
         except DicomError as e:
             failed[e.path] = e
+            continue
+        headers.append(header)
+        if datasets is not None and ds is not None:
+            datasets[header.path] = ds
     return headers, failed
 
 
 class SeriesReader:
     """Decoded slices of one series, each file read at most once; files that fail are remembered and dropped."""
 
-    def __init__(self, headers: list[SliceHeader]):
+    def __init__(self, headers: list[SliceHeader], datasets: dict[str, Any] | None = None):
         self.headers = headers
+        self.datasets = datasets or {}  # from index_series: parsed once, pixels still on disk; dropped once decoded
         self.pixels: dict[str, np.ndarray] = {}
         self.failed: dict[str, DicomError] = {}
         self._number = {h.path: h.instance_number for h in headers}
@@ -76,7 +86,8 @@ class SeriesReader:
         if h.path in self.failed:
             return False
         try:
-            img = read_pixels(h.path)
+            ds = self.datasets.pop(h.path, None)
+            img = read_pixels(h.path) if ds is None else pixels_of(ds, h.path)
             if img.shape != h.shape:
                 raise DicomError(h.path, f"pixel array {img.shape} disagrees with Rows/Columns {h.shape}")
             self.pixels[h.path] = img
@@ -152,8 +163,9 @@ def process_series(series_dir: str | Path, samples: list[dict], config: PrepConf
     series_dir = Path(series_dir)
     if not series_dir.is_dir():
         return [_sample_error(s, str(series_dir), "read", "missing series folder") for s in samples]
-    headers, header_failed = index_series(series_dir)
-    reader = SeriesReader(headers)
+    datasets: dict[str, Any] = {}
+    headers, header_failed = index_series(series_dir, datasets)
+    reader = SeriesReader(headers, datasets)
     bounds_cache: dict[tuple[str, ...], tuple[np.ndarray, float]] = {}
     records: list[Record] = []
     for s in sorted(samples, key=lambda s: s["row"]):

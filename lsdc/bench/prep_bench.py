@@ -43,9 +43,10 @@ def plain_loop(data_dir: Path, samples, config, out: Path) -> dict[str, Any]:
     clock, checksums, failed = Clock(), {}, {}
     t0, cpu0, faults0 = time.perf_counter(), time.process_time(), minor_faults()
     for (study, series), group in samples.groupby(["study_id", "series_id"], sort=True):
-        with clock("headers"):
-            headers, _ = index_series(data_dir / f"{config.split}_images" / str(study) / str(series))
-        reader, bounds_cache = SeriesReader(headers), {}
+        with clock("headers"):  # the parsed files are kept (pixel data deferred) for the decode step
+            datasets: dict = {}
+            headers, _ = index_series(data_dir / f"{config.split}_images" / str(study) / str(series), datasets)
+        reader, bounds_cache = SeriesReader(headers, datasets), {}
         for s in group.sort_values("row").itertuples(index=False):
             try:
                 with clock("decode"):  # each file once per series, as the build does
