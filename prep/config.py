@@ -66,7 +66,7 @@ class PrepConfig:
     windows: tuple[Window, ...] = DEFAULT_WINDOWS
     clahe_clip: float = 2.0  # per window channel; 0 disables CLAHE
     clahe_tiles: int = 8  # tiles per side (8 x 8)
-    percentile_stride: int = 1  # window percentiles use every k-th row of the stack's slices (1: every pixel)
+    percentile_stride: int = 2  # window percentiles from every k-th row of the stack's slices (2: within ~1 % of range)
     codec: str = "crc32c"  # the cache's chunk codec (cache.format.CODECS; measured in docs/cache_format.md)
 
     def __post_init__(self) -> None:

@@ -65,10 +65,12 @@ def crop_slice(img: np.ndarray, box: CropBox, size: int, pad: float, affine: np.
         if box.x0 >= 0 and box.y0 >= 0 and x1 <= cols and y1 <= rows:
             region = img[box.y0:y1, box.x0:x1]  # a view: no copy when the box is inside the image
         else:
-            region = np.full((box.h, box.w), pad, dtype=np.float32)
             sx0, sy0, sx1, sy1 = max(box.x0, 0), max(box.y0, 0), min(x1, cols), min(y1, rows)
-            if sx1 > sx0 and sy1 > sy0:
-                region[sy0 - box.y0:sy1 - box.y0, sx0 - box.x0:sx1 - box.x0] = img[sy0:sy1, sx0:sx1]
+            if sx1 > sx0 and sy1 > sy0:  # one pass: the image part copied into a constant border
+                region = cv2.copyMakeBorder(img[sy0:sy1, sx0:sx1], sy0 - box.y0, y1 - sy1, sx0 - box.x0, x1 - sx1,
+                                            cv2.BORDER_CONSTANT, value=float(pad))
+            else:
+                region = np.full((box.h, box.w), pad, dtype=np.float32)
     return resize_area(region, size)
 
 
