@@ -56,19 +56,15 @@ def stack_bounds(images: Sequence[np.ndarray], windows: Sequence[Window], stride
 def apply_windows(crops: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """(S, H, W) float32 -> (S, C, H, W) uint8, channel c = crops linearly mapped from bounds[c] to 0..255.
 
-    A window whose percentiles coincide (e.g. half the stack is background at exactly 0) becomes a threshold at
-    that value rather than a division by zero.
+    One OpenCV pass per window (scale, shift, round, saturate to 0..255). A window whose percentiles coincide (e.g.
+    half the stack is background at exactly 0) becomes a threshold at that value rather than a division by zero.
     """
     s, h, w = crops.shape
+    flat = np.ascontiguousarray(crops, dtype=np.float32).reshape(s * h, w)
     out = np.empty((s, len(bounds), h, w), dtype=np.uint8)
-    tmp = np.empty_like(crops)
     for c, (lo, hi) in enumerate(bounds):
-        scale = np.float32(255.0 / max(float(hi - lo), 1e-6))
-        np.subtract(crops, lo, out=tmp)
-        tmp *= scale
-        np.clip(tmp, 0.0, 255.0, out=tmp)
-        np.rint(tmp, out=tmp)
-        out[:, c] = tmp  # the float -> uint8 cast happens in this one assignment
+        scale = 255.0 / max(float(hi - lo), 1e-6)
+        out[:, c] = cv2.addWeighted(flat, scale, flat, 0.0, -float(lo) * scale, dtype=cv2.CV_8U).reshape(s, h, w)
     return out
 
 

@@ -141,3 +141,17 @@ def test_resize_area_matches_opencv_area_at_every_scale():
             assert cv2.resize(noise, (256, 256), interpolation=cv2.INTER_LINEAR).std() > 1.25 * ours
     small = rng.random((100, 100)).astype(np.float32)  # an upscale is INTER_AREA itself
     np.testing.assert_array_equal(resize_area(small, 256), cv2.resize(small, (256, 256), interpolation=cv2.INTER_AREA))
+
+
+def test_apply_windows_maps_bounds_to_0_255_linearly():
+    ramp = np.linspace(-50, 1050, 7 * 16 * 16, dtype=np.float32).reshape(7, 16, 16)
+    bounds = np.array([[500, 1000], [0, 1000], [-50, 1050]], np.float32)
+    out = apply_windows(ramp, bounds)
+    assert out.shape == (7, 3, 16, 16) and out.dtype == np.uint8
+    for c, (lo, hi) in enumerate(bounds):
+        want = np.clip(np.rint((ramp - lo) * (255 / (hi - lo))), 0, 255)
+        assert np.abs(out[:, c].astype(float) - want).max() <= 1  # rounding of exact .5 values may differ
+        assert (out[:, c] == want).mean() > 0.99
+    assert out[:, 0][ramp <= 500].max() == 0 and out[:, 0][ramp >= 1000].min() == 255
+    flat = apply_windows(ramp, np.array([[100, 100]] * 3, np.float32))  # coinciding bounds: a threshold
+    assert set(np.unique(flat)) == {0, 255}
