@@ -86,3 +86,31 @@ def test_errors_name_the_file_and_reason(tmp_path):
     ds.save_as(tmp_path / "nopix.dcm")
     with pytest.raises(DicomError, match="no pixel data"):
         read_pixels(tmp_path / "nopix.dcm")
+
+
+@pytest.mark.parametrize("bits,stored,signed,syntax", [
+    (16, 12, 0, "explicit"), (16, 16, 0, "explicit"), (16, 12, 1, "explicit"), (16, 16, 1, "implicit"),
+    (8, 8, 0, "explicit"), (8, 6, 1, "implicit")])
+def test_native_fast_path_equals_pydicom(tmp_path, bits, stored, signed, syntax):
+    """Uncompressed little-endian slices skip pydicom's pixel handler; the values must be pydicom's, garbage in
+    the unused high bits included (masked when unsigned, sign-extended when signed)."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from prep.dicom import _native_pixels, pixels_of
+
+    path = write_slice(tmp_path / "1.dcm", phantom(24, seed=3), instance=1)
+    ds = pydicom.dcmread(path)
+    rng = np.random.default_rng(bits + stored + signed)
+    raw = rng.integers(0, 1 << bits, (24, 24), dtype=np.uint64).astype(f"<u{bits // 8}")  # high bits set too
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, signed
+    ds.PixelData = raw.tobytes()
+    if syntax == "implicit":
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "2.dcm", enforce_file_format=True)
+    ds = pydicom.dcmread(tmp_path / "2.dcm")
+    fast = _native_pixels(ds)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, ds.pixel_array)
+    np.testing.assert_array_equal(pixels_of(ds, tmp_path / "2.dcm"), ds.pixel_array.astype(np.float32))
+    assert _native_pixels(pydicom.dcmread(_file("MR_small_bigendian.dcm"))) is None  # left to pydicom
+    assert _native_pixels(pydicom.dcmread(_file("MR_small_RLE.dcm"))) is None
