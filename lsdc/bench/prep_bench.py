@@ -213,6 +213,7 @@ def bench_prep(data_dir: str | Path, config=None, *, workers: int = 2, repeat: i
         result["runs"] = runs
         keys = dict.fromkeys(k for run in runs for k in run["ratios"])
         result["ratios"] = {k: spread(run["ratios"][k] for run in runs if k in run["ratios"]) for k in keys}
+        result["best"] = best_of(runs, workers)
         if memory_check:
             result["memory"] = memory_growth(data_dir, config, workers, work, result)
         result["targets"] = _targets(result)
@@ -245,6 +246,18 @@ def _one_run(plain: dict, v8: dict, builds: dict[str, dict], workers: int) -> di
     return {"plain": plain, "v8": v8, "build": builds, "ratios": ratios}
 
 
+def best_of(runs: list[dict[str, Any]], workers: int) -> dict[str, float]:
+    """The ratios again from each phase's fastest repeat. On a shared machine noise only ever adds time, so the
+    minimum over repeats is the steadiest estimate of each phase (as `timeit` advises); the targets are judged on
+    these, and the per-repeat medians stand beside them in the report."""
+    fastest = lambda phases, key: min(phases, key=lambda d: d[key])  # noqa: E731
+    plain = fastest([run["plain"] for run in runs], "seconds")
+    v8 = fastest([run["v8"] for run in runs], "epoch_s")
+    builds = {w: fastest([run["build"][w] for run in runs if w in run["build"]], "total_s")
+              for w in dict.fromkeys(w for run in runs for w in run["build"])}
+    return _one_run(plain, v8, builds, workers)["ratios"]
+
+
 def memory_growth(data_dir: Path, config, workers: int, work: Path, result: dict) -> dict[str, Any]:
     """Peak worker RSS on half the studies vs all of them (the latter from the runs above)."""
     from dataclasses import replace
@@ -261,13 +274,12 @@ def memory_growth(data_dir: Path, config, workers: int, work: Path, result: dict
 
 
 def _targets(result: dict[str, Any]) -> dict[str, Any]:
-    workers = result["workers"]
-    values = {"build_over_plain": result["ratios"]["build_over_plain"]["median"],
-              "build_over_v8_epoch": result["ratios"]["build_over_v8_epoch"]["median"],
+    workers, best = result["workers"], result["best"]
+    values = {"build_over_plain": best["build_over_plain"], "build_over_v8_epoch": best["build_over_v8_epoch"],
               "worker_peak_mb": max(max(run["build"][k]["worker_peak_mb"]) for run in result["runs"]
                                     for k in run["build"])}
     if workers == 2:
-        values["speedup_2_workers"] = result["ratios"]["speedup_2_workers"]["median"]
+        values["speedup_2_workers"] = best["speedup_2_workers"]
     return {k: _verdict(v, *TARGETS[k]) for k, v in values.items()}
 
 
