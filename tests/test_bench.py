@@ -118,11 +118,11 @@ def test_load_bench_and_cli_report(prep_result, tmp_path):
     result = json.loads(out.read_text())
     run = result["runs"][0]
     assert result["samples"] == 15 and result["sample_shape"] == [3, 3, 32, 32]
-    for key in ("raw_file", "raw_zarr", "reader", "loader_w0", "loader_w1", "in_memory"):
+    for key in ("raw_chunk", "raw_file", "raw_zarr", "reader", "loader_w0", "loader_w1", "in_memory"):
         assert run[key]["samples"] == 15, key
     assert run["v8_w0"]["samples"] == run["v8_w1"]["samples"] == 4
     assert run["ratios"]["loader_w0_over_raw"] == pytest.approx(
-        run["loader_w0"]["samples_per_s"] / run["raw_file"]["samples_per_s"])
+        run["loader_w0"]["samples_per_s"] / run["raw_chunk"]["samples_per_s"])
     assert run["ratios"]["cached_over_v8_best"] == pytest.approx(
         max(run["loader_w0"]["samples_per_s"], run["loader_w1"]["samples_per_s"])
         / max(run["v8_w0"]["samples_per_s"], run["v8_w1"]["samples_per_s"]))
@@ -131,7 +131,7 @@ def test_load_bench_and_cli_report(prep_result, tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     text = doc.read_text()
     assert text.count("<!-- lsdc-bench:load:start -->") == 1 and "Hand-written prose that must survive." in text
-    assert "lsdc bench load" in text and "train loader (0 workers) / raw file read" in text
+    assert "lsdc bench load" in text and "train loader (0 workers) / raw chunk read" in text
 
 
 def test_train_bench_counts(prep_result):
@@ -159,4 +159,4 @@ def test_report_appends_sections_per_bench(tmp_path):
     update_report(doc, {**base, "bench": "load"})
     text = doc.read_text()
     assert text.startswith("# Benchmarks") and text.count("lsdc-bench:load:start") == 1
-    assert "| cache.open(...)[i] / raw file read | **1.00** | 0.90 – 1.10 | 3 |" in text
+    assert "| cache.open(...)[i] / raw chunk read | **1.00** | 0.90 – 1.10 | 3 |" in text

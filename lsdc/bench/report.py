@@ -18,13 +18,15 @@ NAMES = {  # ratio key -> what it means, in words a reader of docs/benchmarks.md
     "speedup_2_workers": "build speed-up, 2 workers vs 1 (incl. cluster start)",
     "speedup_2_workers_excl_start": "build speed-up, 2 workers vs 1 (excl. cluster start)",
     "dask_env_over_build": "build with dask's default worker environment / build with prep's (1 worker)",
-    "reader_over_raw": "cache.open(...)[i] / raw file read",
-    "raw_zarr_over_raw": "plain zarr array[row] / raw file read",
-    "in_memory_over_raw": "in-memory loader (0 workers) / raw file read",
+    "reader_over_raw": "cache.open(...)[i] / raw chunk read",
+    "raw_zarr_over_raw": "plain zarr array[row] / raw chunk read",
+    "raw_file_over_raw": "the file's bytes alone, CRC unchecked / raw chunk read",
+    "loader_w0_over_raw_file": "train loader (0 workers) / the file's bytes alone, CRC unchecked",
+    "in_memory_over_raw": "in-memory loader (0 workers) / raw chunk read",
     "loader_headroom": "loader samples/s / model samples/s (loader headroom)",
     "end_to_end_over_model": "end-to-end training / model alone",
     "worker_peak_mb": "peak RSS of a build worker, MB",
-    "loader_over_raw": "train loader (0 workers) / raw file read",
+    "loader_over_raw": "train loader (0 workers) / raw chunk read (bytes + CRC)",
     "cached_over_v8": "cached epoch / v8-style epoch, each with its fastest worker count",
     "cached_over_v8_best": "cached epoch / v8-style epoch, each with its fastest worker count",
 }
@@ -41,7 +43,7 @@ def _name(key: str) -> str:
         return NAMES[key]
     m = re.fullmatch(r"loader_w(\d+)_over_raw", key)
     if m:
-        return f"train loader ({m[1]} workers) / raw file read"
+        return f"train loader ({m[1]} workers) / raw chunk read"
     m = re.fullmatch(r"cached_over_v8_w(\d+)", key)
     if m:
         return f"cached loader / v8-style loader, {m[1]} workers each"
