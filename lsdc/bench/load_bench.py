@@ -3,6 +3,7 @@
   raw_chunk   each chunk read as the format defines it and nothing more: its file's bytes, plus its CRC-32C check
               with the default codec (zarr itself for compressed codecs); the floor a loader is judged against
   raw_file    the bytes alone, nothing checked (the CRC costs ~0.05 ms of a ~0.14 ms read)
+  raw_batch   raw_chunk, but into the slots of a new batch array each batch (what a loader must do at the least)
   raw_zarr    plain `zarr` array[row] over the samples, one process (what a reader without lsdc gets)
   reader      cache.open(...)[i] (chunk read into a new array, size and CRC-32C checked; a lost file is an error)
   loader_wK   train.data.CacheDataset + make_loader (shuffled, batches, K worker processes), steady-state epoch
@@ -42,6 +43,22 @@ def raw_file_read(path: str, rows: np.ndarray, check_crc: bool = False) -> dict[
             bad += int(google_crc32c.value(body) != int.from_bytes(data[-CRC_BYTES:], "little"))
     if bad:
         raise RuntimeError(f"bench load: {bad} chunks of {path} fail their CRC; run `lsdc cache verify {path}`")
+    return _rate(len(rows), time.perf_counter() - t0)
+
+
+def raw_batch_read(path: str, rows: np.ndarray, batch_size: int, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The chunks' bytes read straight into the slots of a new batch array, CRC checked, no loader: what a loader
+    must do at the least. Unlike `raw_chunk` (one recycled 1.4 MB buffer that stays in the CPU cache), every batch
+    is 16 MB of new memory, as a loader's batches are."""
+    from cache.chunks import chunk_path, read_chunk_into
+
+    array_dir = Path(path) / "crops"
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        batch = np.empty((len(part), *shape), np.uint8)
+        for k, r in enumerate(part):
+            read_chunk_into(chunk_path(array_dir, int(r)), batch[k], "crc32c")
     return _rate(len(rows), time.perf_counter() - t0)
 
 
@@ -99,6 +116,8 @@ def interleaved(reader, dataset, path: str, rows: np.ndarray, order: np.ndarray,
         measured = {"raw_chunk": raw_file_read(path, rows, check_crc=True) if codec == "crc32c" else
                     raw_file_read(path, rows) if codec == "none" else raw_read(path, rows),
                     "raw_file": raw_file_read(path, rows), "raw_zarr": raw_read(path, rows),
+                    **({"raw_batch": raw_batch_read(path, rows, batch_size, tuple(reader.shape))}
+                       if codec == "crc32c" else {}),
                     "reader": reader_read(reader, order),
                     "loader_w0": {**_rate(n, seconds), "workers": 0}}
         for key, m in measured.items():
@@ -208,6 +227,9 @@ def _ratios(run: dict, workers: tuple[int, ...], v8_workers: tuple[int, ...]) ->
            "raw_zarr_over_raw": ratio(run["raw_zarr"]["samples_per_s"], raw),
            "raw_file_over_raw": ratio(run["raw_file"]["samples_per_s"], raw),
            "loader_w0_over_raw_file": ratio(run["loader_w0"]["samples_per_s"], run["raw_file"]["samples_per_s"])}
+    if "raw_batch" in run:
+        out["raw_batch_over_raw"] = ratio(run["raw_batch"]["samples_per_s"], raw)
+        out["loader_w0_over_raw_batch"] = ratio(run["loader_w0"]["samples_per_s"], run["raw_batch"]["samples_per_s"])
     for w in sorted({0, *workers}):
         out[f"loader_w{w}_over_raw"] = ratio(run[f"loader_w{w}"]["samples_per_s"], raw)
     if "in_memory" in run:
