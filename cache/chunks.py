@@ -48,23 +48,27 @@ def write_chunk(path: Path, stack: np.ndarray, codec: str) -> None:
     os.replace(tmp, path)
 
 
-def read_chunk_into(path: Path, out: np.ndarray, codec: str) -> None:
+def read_chunk_into(path: str | Path, out: np.ndarray, codec: str) -> None:
     """Fill ``out`` (a C-contiguous uint8 array of one sample's shape) from its chunk file.
 
     Raises FileNotFoundError for an absent chunk and ChecksumError for one of the wrong size or CRC (a torn or
     corrupted file): a reader must never hand out pixels the writer did not write.
     """
-    want = out.nbytes + (CRC_BYTES if codec == "crc32c" else 0)
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+    crc = codec == "crc32c"
+    want = out.nbytes + (CRC_BYTES if crc else 0)
+    trailer = bytearray(CRC_BYTES if crc else 0)
+    fd = os.open(path, os.O_RDONLY)  # raw fd and one readv: no Python file object, no second read call
+    try:
+        size = os.fstat(fd).st_size
         if size != want:
             raise ChecksumError(f"chunk {path} holds {size} bytes, a sample needs {want}: the file is truncated "
                                 "or not this cache's")
-        got = f.readinto(memoryview(out).cast("B"))
-        trailer = f.read(CRC_BYTES) if codec == "crc32c" else b""
-    if got != out.nbytes:
-        raise ChecksumError(f"chunk {path}: short read ({got} of {out.nbytes} bytes)")
-    if codec == "crc32c" and int(google_crc32c.value(out)) != int.from_bytes(trailer, "little"):
+        got = os.readv(fd, [out, trailer] if crc else [out])
+    finally:
+        os.close(fd)
+    if got != want:
+        raise ChecksumError(f"chunk {path}: short read ({got} of {want} bytes)")
+    if crc and int(google_crc32c.value(out)) != int.from_bytes(trailer, "little"):
         raise ChecksumError(f"chunk {path}: CRC-32C mismatch, the file is corrupted")
 
 

@@ -25,7 +25,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cache import format as fmt
-from cache.chunks import chunk_path, plain_layout, read_chunk_into
+from cache.chunks import plain_layout, read_chunk_into
 from cache.format import CacheError, CacheNotFinalised, ChecksumError, MissingChunkError
 from cache.rsna import LABELS
 
@@ -80,7 +80,9 @@ class CacheReader:
         self._store: Any = None
         self._prefix = ""
         self._pid = -1
-        self._plain: tuple[Path, str] | None = None  # (array dir, codec) when chunks are read as files (cache.chunks)
+        self._n_rows = 0
+        self._sample_shape: tuple[int, ...] | None = None
+        self._plain: tuple[str, str] | None = None  # (array dir, codec) when chunks are read as files (cache.chunks)
         self._checksums: dict[int, str] | None = None
         self._disk: dict[str, int] | None = None
         self._rows: np.ndarray | None = None  # the index's row column as numpy: a pandas lookup per read costs ~5 %
@@ -98,11 +100,12 @@ class CacheReader:
         if self._pid != os.getpid():
             self._store, self._prefix = _store_of(self.path)
             self._array = zarr.open_array(self._store, path=f"{self._prefix}{fmt.ARRAY}", mode="r")
+            self._n_rows = int(self._array.shape[0])
             self._plain = None
             if isinstance(self._store, LocalStore):
                 array_dir = Path(self._store.root) / self._prefix / fmt.ARRAY
                 codec = plain_layout(array_dir)
-                self._plain = (array_dir, codec) if codec else None
+                self._plain = (str(array_dir), codec) if codec else None
             self._pid = os.getpid()
 
     @property
@@ -113,7 +116,9 @@ class CacheReader:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of one sample: (slices, windows, H, W)."""
-        return tuple(self.manifest["array"]["shape"][1:])
+        if self._sample_shape is None:
+            self._sample_shape = tuple(self.manifest["array"]["shape"][1:])
+        return self._sample_shape
 
     # --- reading -------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -152,19 +157,19 @@ class CacheReader:
     def read_row(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
         """The sample stored at data row `row` (the index's `row` column), in ``out`` when given."""
         self._open()
-        key = f"{self._prefix}{_chunk_key(row)}"
-        if not 0 <= row < self._array.shape[0]:
-            raise IndexError(f"cache {self.path}: row {row} outside 0..{self._array.shape[0] - 1}")
-        if self._plain is not None:
+        if not 0 <= row < self._n_rows:
+            raise IndexError(f"cache {self.path}: row {row} outside 0..{self._n_rows - 1}")
+        if self._plain is not None:  # the loader's path: kept free of per-read overhead (pathlib, zarr properties)
             array_dir, codec = self._plain
-            stack = np.empty(self._array.shape[1:], np.uint8) if out is None else out
+            stack = np.empty(self.shape, np.uint8) if out is None else out
             try:
-                read_chunk_into(chunk_path(array_dir, row), stack, codec)
+                read_chunk_into(f"{array_dir}/c.{row}.0.0.0.0", stack, codec)
             except FileNotFoundError:
-                raise self._missing(row, key) from None
+                raise self._missing(row, f"{self._prefix}{_chunk_key(row)}") from None
             except ChecksumError as e:
                 raise ChecksumError(f"cache {self.path}: row {row}: {e}") from None
         else:
+            key = f"{self._prefix}{_chunk_key(row)}"
             if not self._chunk_exists(key):
                 raise self._missing(row, key)
             try:
@@ -176,7 +181,7 @@ class CacheReader:
                 out[...] = stack
                 stack = out
         if self.verify_checksums:
-            self._check(row, stack, key)
+            self._check(row, stack, f"{self._prefix}{_chunk_key(row)}")
         return stack
 
     def _check(self, row: int, stack: np.ndarray, key: str) -> None:
