@@ -25,7 +25,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cache import format as fmt
-from cache.chunks import plain_layout, read_chunk_into
+from cache.chunks import aligned_empty, plain_layout, read_chunk_into
 from cache.format import CacheError, CacheNotFinalised, ChecksumError, MissingChunkError
 from cache.rsna import LABELS
 
@@ -161,7 +161,7 @@ class CacheReader:
             raise IndexError(f"cache {self.path}: row {row} outside 0..{self._n_rows - 1}")
         if self._plain is not None:  # the loader's path: kept free of per-read overhead (pathlib, zarr properties)
             array_dir, codec = self._plain
-            stack = np.empty(self.shape, np.uint8) if out is None else out
+            stack = aligned_empty(self.shape) if out is None else out
             try:
                 read_chunk_into(f"{array_dir}/c.{row}.0.0.0.0", stack, codec)
             except FileNotFoundError:

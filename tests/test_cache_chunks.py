@@ -93,3 +93,16 @@ def test_read_into_refuses_a_wrong_buffer(tmp_path: Path) -> None:
         reader.read_into(0, np.empty((h.SLICES, 3, h.SIZE, h.SIZE), np.float32))
     with pytest.raises(ValueError, match="C-contiguous uint8"):
         reader.read_into(0, np.empty((h.SLICES, 3, h.SIZE, 2 * h.SIZE), np.uint8)[..., ::2])
+
+
+def test_buffers_start_on_a_page_boundary(tmp_path: Path) -> None:
+    """Chunks are copied from the page cache into page-aligned memory (twice as fast as at some offsets here)."""
+    from cache.chunks import PAGE, aligned_empty
+
+    for shape in ((7, 3, 256, 256), (12, 7, 3, 256, 256), (3, 3, 32, 32)):
+        a = aligned_empty(shape)
+        assert a.shape == shape and a.dtype == np.uint8 and a.flags.c_contiguous and a.ctypes.data % PAGE == 0
+    path = tmp_path / "c"
+    h.build(path, n=2)
+    sample = cache.open(path)[1]
+    assert sample.ctypes.data % PAGE == 0 and np.array_equal(sample, h.stack(1))

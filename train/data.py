@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from cache.chunks import aligned_empty
 from cache.rsna import LEVELS
 
 
@@ -86,7 +87,7 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     when sent (~10 ms per 16 MB batch), so the chunks are read straight into the shared pages instead."""
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what default_collate uses; private API
     if get_worker_info() is None or new_shared is None:
-        return torch.empty(shape, dtype=torch.uint8)
+        return torch.from_numpy(aligned_empty(shape))  # page-aligned: the kernel copies chunks in ~2x faster
     return torch.empty(0, dtype=torch.uint8).set_(new_shared(int(np.prod(shape)))).view(shape)
 
 
