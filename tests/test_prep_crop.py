@@ -139,6 +139,9 @@ def test_resize_area_matches_opencv_area_at_every_scale():
         assert abs(ours - area) < 0.2 * area, (n, ours, area)
         if n > 300:
             assert cv2.resize(noise, (256, 256), interpolation=cv2.INTER_LINEAR).std() > 1.25 * ours
+        fine = (500 + 300 * np.sin(xx / 3.0) * np.cos(yy / 4.0)).astype(np.float32)  # detail of a few pixels
+        kept = resize_area(fine, 256).std() / cv2.resize(fine, (256, 256), interpolation=cv2.INTER_AREA).std()
+        assert abs(kept - 1) < 0.05, (n, kept)  # fine detail keeps its contrast, as with INTER_AREA
     small = rng.random((100, 100)).astype(np.float32)  # an upscale is INTER_AREA itself
     np.testing.assert_array_equal(resize_area(small, 256), cv2.resize(small, (256, 256), interpolation=cv2.INTER_AREA))
 
