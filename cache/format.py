@@ -40,6 +40,11 @@ PROGRESS_DIR = "_progress"
 LOCK_FILE = "_build.lock"
 # '.' keeps every chunk a plain file in crops/ (the default '/' makes 5 nested directories per sample).
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
+CHUNK_NAME = "c.{row}.0.0.0.0"  # a sample's chunk file in crops/, by that encoding
+
+
+def chunk_name(row: int) -> str:
+    return CHUNK_NAME.format(row=int(row))
 
 # Compressor presets (zarr v3 bytes-to-bytes codecs). The default was chosen by measurement, see docs/cache_format.md:
 # CLAHE'd crops are close to incompressible (x1.25-1.5 with zstd), so compression buys little disk for 2.5x slower

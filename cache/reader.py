@@ -25,7 +25,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from cache import format as fmt
-from cache.chunks import aligned_empty, plain_layout, read_chunk_into
+from cache.chunks import aligned_empty, chunk_path, plain_layout, read_chunk_into
 from cache.format import CacheError, CacheNotFinalised, ChecksumError, MissingChunkError
 from cache.rsna import LABELS
 
@@ -55,7 +55,7 @@ def _read_parquet(store: Any, key: str, where: str) -> pd.DataFrame:
 
 
 def _chunk_key(row: int) -> str:
-    return f"{fmt.ARRAY}/c.{int(row)}.0.0.0.0"
+    return f"{fmt.ARRAY}/{fmt.chunk_name(row)}"
 
 
 def _label_names(labels: pd.Series) -> pd.Series:
@@ -163,7 +163,7 @@ class CacheReader:
             array_dir, codec = self._plain
             stack = aligned_empty(self.shape) if out is None else out
             try:
-                read_chunk_into(f"{array_dir}/c.{row}.0.0.0.0", stack, codec)
+                read_chunk_into(chunk_path(array_dir, row), stack, codec)
             except FileNotFoundError:
                 raise self._missing(row, f"{self._prefix}{_chunk_key(row)}") from None
             except ChecksumError as e:

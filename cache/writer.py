@@ -197,7 +197,7 @@ class CacheWriter:
             "name": fmt.ARRAY, "shape": list(array.shape), "chunks": list(array.chunks), "dtype": "uint8",
             "dimension_names": list(fmt.DIMENSIONS), "codec": build["codec"],
             "codecs": [c.to_dict() for c in array.metadata.codecs],
-            "chunk_key": f"{fmt.ARRAY}/c.{{row}}.0.0.0.0", "raw_bytes_per_sample": int(np.prod(array.shape[1:])),
+            "chunk_key": f"{fmt.ARRAY}/{fmt.CHUNK_NAME}", "raw_bytes_per_sample": int(np.prod(array.shape[1:])),
             "checksum": fmt.CHECKSUM,
         }
         manifest = fmt.build_manifest(build["config"], array_info, index, errors, extra_manifest)
