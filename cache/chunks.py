@@ -9,8 +9,10 @@ plain zarr and the other way round), and any other codec, store or layout goes t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,17 @@ def chunk_path(array_dir: str | Path, row: int) -> str:
 def write_chunk(path: str | Path, stack: np.ndarray, codec: str) -> None:
     """Write one sample's chunk atomically: a temp file (never taken for a chunk by format.chunk_row), then rename."""
     data = np.ascontiguousarray(stack)
-    tmp = f"{path}.{os.getpid()}.partial"
-    with open(tmp, "wb") as f:
-        f.write(data.data)
-        if codec == "crc32c":
-            f.write(int(google_crc32c.value(data)).to_bytes(CRC_BYTES, "little"))
-    os.replace(tmp, path)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"  # unique per write, also between threads of one process
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.data)
+            if codec == "crc32c":
+                f.write(int(google_crc32c.value(data)).to_bytes(CRC_BYTES, "little"))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_chunk_into(path: str | Path, out: np.ndarray, codec: str) -> None:

@@ -140,9 +140,6 @@ class CacheReader:
     def read_into(self, i: int, out: np.ndarray) -> np.ndarray:
         """The i-th sample written into ``out`` (uint8, C-contiguous, one sample's shape, e.g. a slot of a batch
         array): with the plain codecs the file is read straight into it, with no intermediate copy."""
-        if out.dtype != np.uint8 or tuple(out.shape) != self.shape or not out.flags.c_contiguous:
-            raise ValueError(f"read_into needs a C-contiguous uint8 array of shape {self.shape}, got "
-                             f"{out.dtype} {out.shape}")
         return self.read_row(self._row(i), out)
 
     def _missing(self, row: int, key: str) -> MissingChunkError:
@@ -157,6 +154,9 @@ class CacheReader:
     def read_row(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
         """The sample stored at data row `row` (the index's `row` column), in ``out`` when given."""
         self._open()
+        if out is not None and (out.dtype != np.uint8 or out.shape != self.shape or not out.flags.c_contiguous):
+            raise ValueError(f"reading into a buffer needs a C-contiguous uint8 array of shape {self.shape}, got "
+                             f"{out.dtype} {out.shape}")
         if not 0 <= row < self._n_rows:
             raise IndexError(f"cache {self.path}: row {row} outside 0..{self._n_rows - 1}")
         if self._plain is not None:  # the loader's path: kept free of per-read overhead (pathlib, zarr properties)

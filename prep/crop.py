@@ -81,12 +81,17 @@ def resize_area(region: np.ndarray, size: int) -> np.ndarray:
     means while the region is at least 3x the output (the v8 box of 255 mm on fine axial grids is ~2.5x), then a
     bilinear resample to 2 x size (a factor within 1.5 either way) followed by exact 2x2 means, i.e. a box filter one
     output pixel wide over the bilinear image. Against INTER_AREA it differs by < 1 % of the signal and passes noise
-    within ~15 % of it; a plain bilinear resize passes ~1.4-3x as much (aliasing). Upscales use INTER_AREA itself.
+    within ~15 % of it; a plain bilinear resize passes ~1.4-3x as much (aliasing). Upscales, and a long side that
+    cannot be halved exactly, use INTER_AREA itself.
     """
-    while min(region.shape) >= 3 * size and region.shape[0] % 2 == 0 and region.shape[1] % 2 == 0:
-        region = cv2.resize(region, (region.shape[1] // 2, region.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    while True:  # per axis, so a very anisotropic box is halved only where it is long
+        h, w = region.shape
+        fy, fx = (2 if n >= 3 * size and n % 2 == 0 else 1 for n in (h, w))
+        if fy == fx == 1:
+            break
+        region = cv2.resize(region, (w // fx, h // fy), interpolation=cv2.INTER_AREA)
     if region.shape == (size, size):
         return np.ascontiguousarray(region, dtype=np.float32)
-    if min(region.shape) > size:
+    if size < min(region.shape) and max(region.shape) < 3 * size:  # a bilinear factor within 1.5 either way
         region = cv2.resize(region, (2 * size, 2 * size), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)

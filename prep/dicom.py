@@ -185,6 +185,8 @@ def pixels_of(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
         raise DicomError(path, f"undecodable pixel data ({name}; {type(e).__name__}: {e})") from None
     if stored.ndim != 2:
         raise DicomError(path, f"pixel array has shape {stored.shape}, expected a 2-D slice")
+    if stored.dtype.kind == "f" and not np.isfinite(stored).all():  # float pixel data; integers cannot be NaN
+        raise DicomError(path, "pixel data holds NaN or infinite values")
     img = stored.astype(np.float32)  # the one copy: native-endian float32 from any stored dtype
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     if slope != 1.0:

@@ -33,12 +33,16 @@ def stack_bounds(images: Sequence[np.ndarray], windows: Sequence[Window], stride
         raise ValueError("stack holds non-finite intensities (NaN or inf): nothing to window")
     if hi <= lo:
         raise ValueError(f"stack has one constant intensity ({lo:g}): nothing to window")
-    top = hi + (hi - lo) * 1e-6  # OpenCV's upper range limit is exclusive: keep the maximum in the last bin
+    # OpenCV's upper range limit is exclusive and held as float32: the maximum must land in the last bin.
+    top = float(np.nextafter(np.float32(hi + (hi - lo) * 1e-6), np.float32(np.inf)))
     hist = None
     for img in images:
         hist = cv2.calcHist([img[::stride]], [0], None, [HIST_BINS], [lo, top], hist=hist,  # a row stride is a view
                             accumulate=hist is not None)
     cdf = np.concatenate([[0.0], np.cumsum(hist.ravel(), dtype=np.float64)])
+    sampled = sum(img[::stride].size for img in images)
+    if cdf[-1] != sampled:  # every pixel lies in [lo, top); a miss would make every bound wrong, never silently
+        raise ValueError(f"window histogram lost {sampled - int(cdf[-1])} of {sampled} pixels")
     cdf /= cdf[-1]
     edges = np.linspace(lo, top, HIST_BINS + 1)
 

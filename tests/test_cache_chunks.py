@@ -106,3 +106,17 @@ def test_buffers_start_on_a_page_boundary(tmp_path: Path) -> None:
     h.build(path, n=2)
     sample = cache.open(path)[1]
     assert sample.ctypes.data % PAGE == 0 and np.array_equal(sample, h.stack(1))
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import cache.chunks as cc
+
+    def full(_data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cc.google_crc32c, "value", full)
+    with pytest.raises(OSError, match="No space"):
+        write_chunk(tmp_path / "c.0.0.0.0.0", h.stack(0), "crc32c")
+    assert list(tmp_path.iterdir()) == []

@@ -158,3 +158,29 @@ def test_apply_windows_maps_bounds_to_0_255_linearly():
     assert out[:, 0][ramp <= 500].max() == 0 and out[:, 0][ramp >= 1000].min() == 255
     flat = apply_windows(ramp, np.array([[100, 100]] * 3, np.float32))  # coinciding bounds: a threshold
     assert set(np.unique(flat)) == {0, 255}
+
+
+def test_resize_area_anisotropic_and_odd_boxes_do_not_alias():
+    import cv2
+
+    from prep.crop import resize_area
+
+    rng = np.random.default_rng(1)
+    for shape in ((300, 3000), (3000, 300), (801, 801), (500, 1201)):
+        noise = rng.normal(0, 100, shape).astype(np.float32)
+        area = cv2.resize(noise, (64, 64), interpolation=cv2.INTER_AREA).std()
+        ours = resize_area(noise, 64)
+        assert ours.shape == (64, 64) and abs(ours.std() - area) < 0.25 * area, (shape, ours.std(), area)
+
+
+def test_stack_bounds_keeps_the_maximum():
+    from prep.config import Window
+
+    narrow = np.full((64, 64), 1001, np.float32)  # a spread far below the float32 rounding of the histogram's edge
+    narrow[:25] = 1000
+    windows = [Window("a", 1, 99), Window("b", 50, 99.5), Window("c", 0, 100)]
+    bounds, pad = stack_bounds([narrow], windows, stride=1)
+    np.testing.assert_allclose(bounds, np.percentile(narrow, [[1, 99], [50, 99.5], [0, 100]]), atol=1e-3)
+    rows = np.full((64, 64), 2001, np.float32)
+    rows[1::2] = 2000  # the maximum only on the rows that stride 2 samples
+    assert np.isfinite(stack_bounds([rows], windows, stride=2)[0]).all()

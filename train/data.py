@@ -51,8 +51,10 @@ class CacheDataset(Dataset):
         def read(i: int) -> None:
             self.reader.read_into(int(self.positions[i]), images[i])
 
+        if len(self):
+            read(0)  # opens the reader in this thread first, so the pool's threads share one handle
         with ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1))) as pool:
-            list(pool.map(read, range(len(self))))
+            list(pool.map(read, range(1, len(self))))
         self.images = images
 
     def nbytes(self) -> int:
