@@ -24,6 +24,11 @@ from cache.format import ChecksumError, chunk_name
 CRC_BYTES = 4
 
 
+def crc_trailer(data: np.ndarray | bytes) -> bytes:
+    """The 4 bytes the `crc32c` codec appends to a chunk: CRC-32C of ``data``, little-endian (Zarr v3 spec)."""
+    return int(google_crc32c.value(data)).to_bytes(CRC_BYTES, "little")
+
+
 def plain_codec(codecs: list[dict[str, Any]]) -> str | None:
     """'crc32c' or 'none' when an array's codec chain (zarr.json's `codecs`) stores raw uint8 bytes, else None."""
     names = [c.get("name") for c in codecs]
@@ -63,7 +68,7 @@ def write_chunk(path: str | Path, stack: np.ndarray, codec: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data.data)
             if codec == "crc32c":
-                f.write(int(google_crc32c.value(data)).to_bytes(CRC_BYTES, "little"))
+                f.write(crc_trailer(data))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -91,7 +96,7 @@ def read_chunk_into(path: str | Path, out: np.ndarray, codec: str) -> None:
         os.close(fd)
     if got != want:
         raise ChecksumError(f"chunk {path}: short read ({got} of {want} bytes)")
-    if crc and int(google_crc32c.value(out)) != int.from_bytes(trailer, "little"):
+    if crc and crc_trailer(out) != trailer:
         raise ChecksumError(f"chunk {path}: CRC-32C mismatch, the file is corrupted")
 
 

@@ -84,6 +84,7 @@ class CacheReader:
         self._sample_shape: tuple[int, ...] | None = None
         self._plain: tuple[str, str] | None = None  # (array dir, codec) when chunks are read as files (cache.chunks)
         self._checksums: dict[int, str] | None = None
+        self._checksum_algorithm = fmt.CHECKSUM
         self._disk: dict[str, int] | None = None
         self._rows: np.ndarray | None = None  # the index's row column as numpy: a pandas lookup per read costs ~5 %
 
@@ -187,8 +188,9 @@ class CacheReader:
     def _check(self, row: int, stack: np.ndarray, key: str) -> None:
         if self._checksums is None:
             self._checksums = dict(zip(self.index["row"].tolist(), self.index["checksum"].tolist(), strict=True))
+            self._checksum_algorithm = fmt.checksum_algorithm(self.manifest)
         want = self._checksums.get(row)
-        if want is not None and fmt.checksum(stack, fmt.checksum_algorithm(self.manifest)) != want:
+        if want is not None and fmt.checksum(stack, self._checksum_algorithm) != want:
             raise ChecksumError(f"cache {self.path}: row {row}: pixels of chunk {key} do not match the index "
                                 f"checksum {want}; the chunk is corrupted")
 

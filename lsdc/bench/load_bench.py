@@ -29,9 +29,7 @@ TARGETS = {"loader_over_raw": (">=", 0.8), "cached_over_v8": (">=", 30.0)}
 def raw_file_read(path: str, rows: np.ndarray, check_crc: bool = False) -> dict[str, Any]:
     """Each chunk file's bytes into new memory (`f.read()`); with ``check_crc`` also the chunk's CRC-32C checked,
     which is what reading a `crc32c` chunk means in the Zarr spec. No loader, no batch, no tensors."""
-    import google_crc32c
-
-    from cache.chunks import CRC_BYTES, chunk_path
+    from cache.chunks import CRC_BYTES, chunk_path, crc_trailer
 
     array_dir = Path(path) / "crops"
     t0, bad = time.perf_counter(), 0
@@ -40,7 +38,7 @@ def raw_file_read(path: str, rows: np.ndarray, check_crc: bool = False) -> dict[
             data = f.read()
         if check_crc:
             body = np.frombuffer(data, np.uint8, len(data) - CRC_BYTES)
-            bad += int(google_crc32c.value(body) != int.from_bytes(data[-CRC_BYTES:], "little"))
+            bad += crc_trailer(body) != data[-CRC_BYTES:]
     if bad:
         raise RuntimeError(f"bench load: {bad} chunks of {path} fail their CRC; run `lsdc cache verify {path}`")
     return _rate(len(rows), time.perf_counter() - t0)
@@ -110,9 +108,9 @@ def interleaved(reader, dataset, path: str, rows: np.ndarray, order: np.ndarray,
     loader = make_loader(dataset, batch_size, 0, train=True, seed=0)
     _epoch(loader, 0)  # warm the page cache and every code path once
     best: dict[str, dict[str, Any]] = {}
+    codec = reader.manifest["array"].get("codec")
     for p in range(passes):
         n, seconds = _epoch(loader, p + 1)
-        codec = reader.manifest["array"].get("codec")
         measured = {"raw_chunk": raw_file_read(path, rows, check_crc=True) if codec == "crc32c" else
                     raw_file_read(path, rows) if codec == "none" else raw_read(path, rows),
                     "raw_file": raw_file_read(path, rows), "raw_zarr": raw_read(path, rows),
