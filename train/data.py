@@ -6,8 +6,11 @@ normalisation happen there, so the CPU loader only reads Zarr chunks.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -17,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from cache.chunks import aligned_empty
 from cache.rsna import LEVELS
+from train.batch_ring import BatchRing, RingBatch
 
 
 def select_samples(index: pd.DataFrame, conditions: tuple[str, ...], labelled: bool = True) -> np.ndarray:
@@ -29,6 +33,8 @@ def select_samples(index: pd.DataFrame, conditions: tuple[str, ...], labelled: b
 
 class CacheDataset(Dataset):
     """One item per selected sample: uint8 image (S, 3, H, W), label (-1 = none), level, condition, cache row."""
+
+    ring: BatchRing | None = None  # set in each loader worker by make_loader (train.batch_ring)
 
     def __init__(self, reader, positions: np.ndarray, conditions: tuple[str, ...], in_memory: bool = False):
         self.reader = reader
@@ -70,17 +76,29 @@ class CacheDataset(Dataset):
         """A whole batch in one go (the DataLoader calls this when it exists): every chunk is decoded straight into
         one uint8 array, with no per-sample tensors and no torch.stack copy of ~16 MB per batch at 256 px."""
         idx = np.asarray(indices, dtype=np.int64)
+        fields = {"label": self.label[idx], "level": self.level[idx], "condition": self.condition[idx],
+                  "row": self.row[idx]}
+        worker = get_worker_info()
+        slot = self.ring.acquire(worker.id) if self.ring is not None and worker is not None and batched else None
+        if slot is not None:  # a reused shared slot: only its number and the small fields cross to the main process
+            shape = (len(idx), *self.shape)
+            try:
+                self._read(idx, self.ring.view(slot, shape))
+            except BaseException:
+                self.ring.release(slot)
+                raise
+            return RingBatch(self.ring.id, slot, shape, fields)
         if self.images is not None:
             image = torch.from_numpy(self.images[idx])
         else:
             image = _batch_buffer((len(idx), *self.shape))
-            out = image.numpy()
-            for k, i in enumerate(idx):
-                self.reader.read_into(int(self.positions[i]), out[k])  # each chunk lands in its batch slot
-        batch = {"image": image, "label": torch.from_numpy(self.label[idx]),
-                 "level": torch.from_numpy(self.level[idx]), "condition": torch.from_numpy(self.condition[idx]),
-                 "row": torch.from_numpy(self.row[idx])}
+            self._read(idx, image.numpy())
+        batch = {"image": image, **{k: torch.from_numpy(v) for k, v in fields.items()}}
         return batch if batched else {k: v[0] for k, v in batch.items()}
+
+    def _read(self, idx: np.ndarray, out: np.ndarray) -> None:
+        for k, i in enumerate(idx):
+            self.reader.read_into(int(self.positions[i]), out[k])  # each chunk lands in its batch slot
 
 
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
@@ -122,9 +140,40 @@ def make_loader(dataset: CacheDataset, batch_size: int, workers: int, train: boo
     # Its own generator: each new iterator (and each epoch of persistent workers) draws a worker seed from it, which
     # from the global RNG would shift dropout's stream depending on when the workers were started (a resume).
     generator = torch.Generator().manual_seed(seed + rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False, generator=generator,
-                      collate_fn=batch_as_is)
+    ring = None
+    if workers > 0 and dataset.shape is not None and _can_fork():
+        # Reused shared slots (train.batch_ring): prefetch_factor batches in flight per worker, plus the one the
+        # consumer holds and the one it is about to drop.
+        ring = BatchRing(workers, PREFETCH + 2, (batch_size, *dataset.shape))
+    return CacheLoader(dataset, ring, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                       pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False, generator=generator,
+                       collate_fn=batch_as_is, prefetch_factor=PREFETCH if workers > 0 else None,
+                       multiprocessing_context="fork" if ring is not None else None,
+                       worker_init_fn=partial(_attach_ring, ring) if ring is not None else None)
+
+
+PREFETCH = 2  # batches each loader worker reads ahead (torch's default)
+
+
+def _can_fork() -> bool:
+    """The ring is inherited by forked workers; fork is Linux's long-standing default (3.14 moved to forkserver)."""
+    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _attach_ring(ring: BatchRing, worker_id: int) -> None:
+    get_worker_info().dataset.ring = ring  # the worker's own copy of the dataset: other loaders are untouched
+
+
+class CacheLoader(DataLoader):
+    """torch's DataLoader, turning the workers' slot numbers (train.batch_ring.RingBatch) back into batches."""
+
+    def __init__(self, dataset: CacheDataset, ring: BatchRing | None, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.ring = ring
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            yield batch.to_batch() if isinstance(batch, RingBatch) else batch
 
 
 def batch_as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
