@@ -112,7 +112,7 @@ def test_load_bench_and_cli_report(prep_result, tmp_path):
     doc.write_text("# Benchmarks\n\nHand-written prose that must survive.\n")
     out = tmp_path / "load.json"
     args = ["bench", "load", str(work / "build1"), "--workers", "0,1", "--v8-samples", "4", "--out", str(out),
-            "--report", str(doc)]
+            "--report", str(doc), "--section", "load-test"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
@@ -130,7 +130,7 @@ def test_load_bench_and_cli_report(prep_result, tmp_path):
     # the report: one section, replaced (not duplicated) on a second update, the prose kept
     assert runner.invoke(app, args).exit_code == 0
     text = doc.read_text()
-    assert text.count("<!-- lsdc-bench:load:start -->") == 1 and "Hand-written prose that must survive." in text
+    assert text.count("<!-- lsdc-bench:load-test:start -->") == 1 and "Hand-written prose that must survive." in text
     assert "lsdc bench load" in text and "train loader (0 workers) / raw chunk read" in text
 
 
@@ -160,3 +160,24 @@ def test_report_appends_sections_per_bench(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Benchmarks") and text.count("lsdc-bench:load:start") == 1
     assert "| cache.open(...)[i] / raw chunk read | **1.00** | 0.90 – 1.10 | 3 |" in text
+    # a named section per machine: the default one stays, a second is added beside it, bad names are refused
+    update_report(doc, {**base, "bench": "load", "command": "lsdc bench load C --on-16-cores"}, section="load-16-core")
+    text = doc.read_text()
+    assert text.count("lsdc-bench:load:start") == 1 and text.count("lsdc-bench:load-16-core:start") == 1
+    assert "--on-16-cores" in text.split("lsdc-bench:load-16-core:start")[1]
+    with pytest.raises(ValueError, match="section"):
+        update_report(doc, {**base, "bench": "load"}, section="a b-->")
+
+
+def test_prep_rates_table_keeps_columns_when_a_build_ran_once():
+    from lsdc.bench.report import _rates_prep
+
+    def build(rate):
+        return {"samples_per_s": rate, "cpu_share": 1.0}
+
+    plain = {"samples_per_s": 60.0, "samples": 10, "stages_s": {"clahe": 0.05}}
+    runs = [{"plain": plain, "v8": {"samples_per_s": 40.0}, "build": {"1": build(46.0), "1_dask_env": build(45.0),
+                                                                      "2": build(81.0)}},
+            {"plain": plain, "v8": {"samples_per_s": 41.0}, "build": {"1": build(44.0), "2": build(75.0)}}]
+    rows = [r for r in _rates_prep({"runs": runs}) if r.startswith("| 2 |")]
+    assert rows == ["| 2 | 60.0 | 41.0 | 44.0 (CPU share 1.00) | – | 75.0 (CPU share 1.00) |"]

@@ -106,13 +106,15 @@ def _target_rows(result: dict[str, Any]) -> list[str]:
 
 
 def _rates_prep(result: dict[str, Any]) -> list[str]:
+    builds = list(dict.fromkeys(k for run in result["runs"] for k in run["build"]))  # some builds run once only
     label = {k: "build, 1 worker, dask's default env" if k == "1_dask_env" else f"build, {k} worker(s)"
-             for k in result["runs"][0]["build"]}
+             for k in builds}
     rows = ["| run | plain loop | v8-style epoch | " + " | ".join(label.values()) + " |"]
-    rows.append("|---" * (3 + len(result["runs"][0]["build"])) + "|")
+    rows.append("|---" * (3 + len(builds)) + "|")
     for i, run in enumerate(result["runs"]):
         cells = [f"{run['plain']['samples_per_s']:.1f}", f"{run['v8']['samples_per_s']:.1f}"]
-        cells += [f"{b['samples_per_s']:.1f} (CPU share {b['cpu_share']:.2f})" for b in run["build"].values()]
+        cells += [f"{b['samples_per_s']:.1f} (CPU share {b['cpu_share']:.2f})" if (b := run["build"].get(k)) else "–"
+                  for k in builds]
         rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     plain = result["runs"][0]["plain"]
     stages = ", ".join(f"{k} {1000 * v / max(plain['samples'], 1):.1f}" for k, v in plain["stages_s"].items())
@@ -167,12 +169,15 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_report(doc: str | Path, result: dict[str, Any]) -> Path:
-    """Replace (or append) this result's section in the Markdown file ``doc``; atomic."""
+def update_report(doc: str | Path, result: dict[str, Any], section: str | None = None) -> Path:
+    """Replace (or append) this result's section in the Markdown file ``doc``; atomic. ``section`` names the section
+    (default: the bench's own, e.g. ``prep``): one per machine keeps each machine's figures side by side."""
     from cache.io import atomic_write_text
 
     doc = Path(doc)
-    key = section_key(result)
+    key = section_key(result) if section is None else section
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+        raise ValueError(f"report section {key!r}: use letters, digits, '.', '_' or '-'")
     start, end = f"<!-- lsdc-bench:{key}:start -->", f"<!-- lsdc-bench:{key}:end -->"
     block = f"{start}\n{render(result)}{end}"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"

@@ -13,6 +13,7 @@ app = typer.Typer(no_args_is_help=True, help="Benchmarks: cache build, loader an
 
 OUT_HELP = "Write the full result as JSON here."
 REPORT_HELP = "Update this Markdown file's section for this bench (e.g. docs/benchmarks.md)."
+SECTION_HELP = "Name of the report's section (default: the bench's, e.g. 'prep'); one per machine keeps both."
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -26,14 +27,14 @@ def _command_line(ctx: typer.Context) -> str:
     return " ".join(["lsdc", *words, shlex.quote(str(first)), *args])
 
 
-def _finish(result: dict, out: Optional[Path], report: Optional[Path]) -> None:
+def _finish(result: dict, out: Optional[Path], report: Optional[Path], section: Optional[str] = None) -> None:
     from lsdc.bench.common import write_json
     from lsdc.bench.report import summary, update_report
 
     if out is not None:
         write_json(out, result)
     if report is not None:
-        update_report(report, result)
+        update_report(report, result, section)
     typer.echo(summary(result))
 
 
@@ -62,6 +63,7 @@ def prep(
     keep: bool = typer.Option(False, help="Keep the bench caches."),
     out: Optional[Path] = typer.Option(None, help=OUT_HELP),
     report: Optional[Path] = typer.Option(None, help=REPORT_HELP),
+    section: Optional[str] = typer.Option(None, help=SECTION_HELP),
 ) -> None:
     """Cache build samples/s vs its unavoidable work and a v8-style epoch; 1 vs N workers; worker memory."""
     from lsdc.bench.prep_bench import bench_prep
@@ -71,7 +73,7 @@ def prep(
                         conditions=parse_conditions(conditions) if conditions else PrepConfig().conditions)
     result = bench_prep(data_dir, config, workers=workers, repeat=repeat, v8_samples=v8_samples, memory_check=memory,
                         dask_env_check=dask_env, work_dir=work, keep=keep, command=_command_line(ctx))
-    _finish(result, out, report)
+    _finish(result, out, report, section)
 
 
 @app.command("load")
@@ -89,6 +91,7 @@ def load(
     in_memory: bool = typer.Option(True, "--in-memory/--no-in-memory", help="Also time train's in-memory mode."),
     out: Optional[Path] = typer.Option(None, help=OUT_HELP),
     report: Optional[Path] = typer.Option(None, help=REPORT_HELP),
+    section: Optional[str] = typer.Option(None, help=SECTION_HELP),
 ) -> None:
     """train.data's loader for 0..N workers vs a raw read of the same chunks vs a v8-style on-the-fly loader."""
     from lsdc.bench.load_bench import bench_load
@@ -96,7 +99,7 @@ def load(
     result = bench_load(cache_path, workers=_ints(workers), batch_size=batch_size, samples=samples,
                         v8_samples=v8_samples, v8_workers=_ints(v8_workers) if v8_workers else None, data_dir=data,
                         repeat=repeat, passes=passes, in_memory=in_memory, command=_command_line(ctx))
-    _finish(result, out, report)
+    _finish(result, out, report, section)
 
 
 @app.command("train")
@@ -116,6 +119,7 @@ def train(
     conditions: Optional[str] = typer.Option(None, help="Conditions to train (default: all in the cache)."),
     out: Optional[Path] = typer.Option(None, help=OUT_HELP),
     report: Optional[Path] = typer.Option(None, help=REPORT_HELP),
+    section: Optional[str] = typer.Option(None, help=SECTION_HELP),
 ) -> None:
     """Training samples/s of the real model, and loader headroom (loader samples/s / what the model consumes)."""
     from lsdc.bench.train_bench import bench_train
@@ -131,4 +135,4 @@ def train(
     result = bench_train(cache_path, backbone=backbone, image_size=image_size, batch_size=batch_size, steps=steps,
                          warmup=warmup, workers=workers, device=device, amp=amp, channels_last=channels_last,
                          compile=compile, conditions=chosen, command=_command_line(ctx))
-    _finish(result, out, report)
+    _finish(result, out, report, section)
