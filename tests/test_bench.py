@@ -54,6 +54,17 @@ def test_prep_bench_counts_and_identical_crops(prep_result):
         assert r["build_over_v8_epoch"] == pytest.approx(run["build"]["1"]["total_s"] / run["v8"]["epoch_s"])
         assert set(run["plain"]["stages_s"]) == {"headers", "decode", "window_bounds", "crop_resize", "window",
                                                   "clahe", "encode_write"}
+    # each repeat also ran the build's code in this process: the ratios that split the build's gap to the plain loop
+    for run in result["runs"]:
+        assert run["in_process"]["samples"] == 15
+        assert run["ratios"]["in_process_over_plain"] == pytest.approx(
+            run["in_process"]["seconds"] / run["plain"]["seconds"])
+        assert run["ratios"]["build_over_in_process"] == pytest.approx(
+            run["build"]["1"]["build_s"] / run["in_process"]["seconds"])
+    assert result["best"]["in_process_over_plain"] == pytest.approx(
+        min(run["in_process"]["seconds"] for run in result["runs"])
+        / min(run["plain"]["seconds"] for run in result["runs"]))
+    assert "build's code in this process |" in render(result)
     spread = result["ratios"]["build_over_plain"]
     assert spread["n"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
     # the judged figures come from each phase's fastest repeat
@@ -181,3 +192,8 @@ def test_prep_rates_table_keeps_columns_when_a_build_ran_once():
             {"plain": plain, "v8": {"samples_per_s": 41.0}, "build": {"1": build(44.0), "2": build(75.0)}}]
     rows = [r for r in _rates_prep({"runs": runs}) if r.startswith("| 2 |")]
     assert rows == ["| 2 | 60.0 | 41.0 | 44.0 (CPU share 1.00) | – | 75.0 (CPU share 1.00) |"]
+    runs[1]["in_process"] = {"samples_per_s": 58.0}
+    table = _rates_prep({"runs": runs})
+    assert [r for r in table if r.startswith("| run |")][0].endswith("| build's code in this process |")
+    assert [r for r in table if r.startswith("| 1 |")][0].endswith("| 81.0 (CPU share 1.00) | – |")
+    assert [r for r in table if r.startswith("| 2 |")][0].endswith("| 75.0 (CPU share 1.00) | 58.0 |")

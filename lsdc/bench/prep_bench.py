@@ -25,7 +25,7 @@ import numpy as np
 from lsdc.bench.common import (Clock, cpu_seconds, log, machine_info, minor_faults, peak_rss_mb, ratio, rss_mb,
                                 spread)
 
-BENCH_CACHES = ("plain", "build1", "build2", "build_dask_env", "build_small")  # + build{N} for other N
+BENCH_CACHES = ("plain", "build1", "build2", "build_dask_env", "build_small", "build_in_process")  # + build{N} for other N
 TARGETS = {"build_over_plain": ("<=", 1.3), "build_over_v8_epoch": ("<", 1.0), "speedup_2_workers": (">=", 1.8),
            "worker_peak_mb": ("<=", 1024.0)}
 
@@ -93,6 +93,22 @@ def v8_epoch(data_dir: Path, samples, split: str, limit: int | None = None) -> d
     return {"seconds": seconds, "samples": len(ds), "samples_per_s": rate, "epoch_s": len(samples) / rate,
             "cpu_share": (time.process_time() - cpu0) / seconds,
             "extrapolated": len(ds) < len(samples), "black_slices": black}
+
+
+def timed_build_in_process(data_dir: Path, out: Path, config) -> dict[str, Any]:
+    """prep.build.build on dask's synchronous scheduler: the build's own code in this process, with no worker
+    process around it. Between the plain loop and the 1-worker build, it tells the build's code apart from the
+    cost of running inside a dask worker."""
+    from prep.build import build
+
+    settle(out)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = build(data_dir, out, config, scheduler="synchronous", clean=True, progress=False)
+    seconds = time.perf_counter() - t0
+    if not result.finalised:
+        raise RuntimeError(f"bench build into {out} did not finalise")
+    return {"seconds": seconds, "samples": result.built, "samples_per_s": result.built / seconds,
+            "cpu_share": (time.process_time() - cpu0) / seconds}
 
 
 def timed_build(data_dir: Path, out: Path, config, workers: int, dask_env: bool = False) -> dict[str, Any]:
@@ -209,7 +225,9 @@ def bench_prep(data_dir: str | Path, config=None, *, workers: int = 2, repeat: i
             if r == 0 and dask_env_check:
                 log(f"bench prep: repeat {r + 1}/{repeat}: build, 1 worker, dask's default worker environment")
                 builds["1_dask_env"] = timed_build(data_dir, work / "build_dask_env", config, 1, dask_env=True)
-            runs.append(_one_run(plain, v8, builds, workers))
+            log(f"bench prep: repeat {r + 1}/{repeat}: build in this process (dask's synchronous scheduler)")
+            in_process = timed_build_in_process(data_dir, work / "build_in_process", config)
+            runs.append(_one_run(plain, v8, builds, workers, in_process))
         result["runs"] = runs
         keys = dict.fromkeys(k for run in runs for k in run["ratios"])
         result["ratios"] = {k: spread(run["ratios"][k] for run in runs if k in run["ratios"]) for k in keys}
@@ -228,7 +246,8 @@ def bench_prep(data_dir: str | Path, config=None, *, workers: int = 2, repeat: i
     return result
 
 
-def _one_run(plain: dict, v8: dict, builds: dict[str, dict], workers: int) -> dict[str, Any]:
+def _one_run(plain: dict, v8: dict, builds: dict[str, dict], workers: int, in_process: dict | None = None
+             ) -> dict[str, Any]:
     one, many = builds["1"], builds[str(workers)]
     plain = {k: v for k, v in plain.items() if k != "checksums"}
     ratios = {
@@ -243,7 +262,12 @@ def _one_run(plain: dict, v8: dict, builds: dict[str, dict], workers: int) -> di
     }
     if "1_dask_env" in builds:  # what prep.build.local_cluster's environment fix saves
         ratios["dask_env_over_build"] = ratio(builds["1_dask_env"]["build_s"], one["build_s"])
-    return {"plain": plain, "v8": v8, "build": builds, "ratios": ratios}
+    run = {"plain": plain, "v8": v8, "build": builds, "ratios": ratios}
+    if in_process is not None:  # where a gap between the build and the plain loop comes from
+        ratios["in_process_over_plain"] = ratio(in_process["seconds"], plain["seconds"])
+        ratios["build_over_in_process"] = ratio(one["build_s"], in_process["seconds"])
+        run["in_process"] = in_process
+    return run
 
 
 def best_of(runs: list[dict[str, Any]], workers: int) -> dict[str, float]:
@@ -255,7 +279,8 @@ def best_of(runs: list[dict[str, Any]], workers: int) -> dict[str, float]:
     v8 = fastest([run["v8"] for run in runs], "epoch_s")
     builds = {w: fastest([run["build"][w] for run in runs if w in run["build"]], "total_s")
               for w in dict.fromkeys(w for run in runs for w in run["build"])}
-    return _one_run(plain, v8, builds, workers)["ratios"]
+    in_process = [run["in_process"] for run in runs if "in_process" in run]
+    return _one_run(plain, v8, builds, workers, fastest(in_process, "seconds") if in_process else None)["ratios"]
 
 
 def memory_growth(data_dir: Path, config, workers: int, work: Path, result: dict) -> dict[str, Any]:

@@ -18,6 +18,8 @@ NAMES = {  # ratio key -> what it means, in words a reader of docs/benchmarks.md
     "speedup_2_workers": "build speed-up, 2 workers vs 1 (incl. cluster start)",
     "speedup_2_workers_excl_start": "build speed-up, 2 workers vs 1 (excl. cluster start)",
     "dask_env_over_build": "build with dask's default worker environment / build with prep's (1 worker)",
+    "in_process_over_plain": "build's code in this process (synchronous scheduler) / plain loop",
+    "build_over_in_process": "build (1 worker, excl. cluster start) / the same code in this process",
     "reader_over_raw": "cache.open(...)[i] / raw chunk read",
     "raw_zarr_over_raw": "plain zarr array[row] / raw chunk read",
     "raw_file_over_raw": "the file's bytes alone, CRC unchecked / raw chunk read",
@@ -109,12 +111,17 @@ def _rates_prep(result: dict[str, Any]) -> list[str]:
     builds = list(dict.fromkeys(k for run in result["runs"] for k in run["build"]))  # some builds run once only
     label = {k: "build, 1 worker, dask's default env" if k == "1_dask_env" else f"build, {k} worker(s)"
              for k in builds}
+    in_process = any("in_process" in run for run in result["runs"])
+    label["in_process"] = "build's code in this process" if in_process else None
+    label = {k: v for k, v in label.items() if v}
     rows = ["| run | plain loop | v8-style epoch | " + " | ".join(label.values()) + " |"]
-    rows.append("|---" * (3 + len(builds)) + "|")
+    rows.append("|---" * (3 + len(label)) + "|")
     for i, run in enumerate(result["runs"]):
         cells = [f"{run['plain']['samples_per_s']:.1f}", f"{run['v8']['samples_per_s']:.1f}"]
         cells += [f"{b['samples_per_s']:.1f} (CPU share {b['cpu_share']:.2f})" if (b := run["build"].get(k)) else "–"
                   for k in builds]
+        if in_process:
+            cells.append(f"{run['in_process']['samples_per_s']:.1f}" if "in_process" in run else "–")
         rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     plain = result["runs"][0]["plain"]
     stages = ", ".join(f"{k} {1000 * v / max(plain['samples'], 1):.1f}" for k, v in plain["stages_s"].items())
