@@ -4,6 +4,8 @@ overwritten."""
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import os
 import sys
 from types import SimpleNamespace
 
@@ -62,6 +64,7 @@ def test_kept_batches_are_never_overwritten(tmp_path):
     loader = make_loader(ds, 2, workers=1, train=True, seed=0)
     kept = list(loader)
     assert len(kept) == 25 and loader.ring.busy.sum() == loader.ring.per_worker  # the kept ones hold every slot
+    assert loader.ring.fallbacks.sum() == 25 - loader.ring.per_worker  # the rest came in fresh blocks, counted
     for b in kept:
         assert np.array_equal(b["image"].numpy(), _expected(reader, b))
     kept.clear()
@@ -133,3 +136,73 @@ def test_a_failed_read_frees_its_slot(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="checksum"):
         ds.__getitems__([0, 1])
     assert ds.ring.busy.sum() == 0
+
+
+@linux_only
+def test_an_abandoned_epoch_gives_its_slots_back(tmp_path):
+    """Stopping mid-epoch: the batches the workers had already sent are dropped by the DataLoader when the next epoch
+    starts; their slots must come back, or the ring would silently stop being used."""
+    from train.data import make_loader
+
+    reader, ds = _dataset(tmp_path, n_studies=10)
+    loader = make_loader(ds, 2, workers=2, train=True, seed=0)
+    for _ in range(4):
+        next(iter(loader))  # one batch, then the iterator is reset with the prefetched ones in flight
+    gc.collect()
+    before = int(loader.ring.fallbacks.sum())
+    batches = 0
+    for b in loader:
+        batches += 1
+        assert np.array_equal(b["image"].numpy(), _expected(reader, b))
+    del b
+    gc.collect()
+    assert batches == 25 and int(loader.ring.fallbacks.sum()) == before  # a whole epoch in reused slots
+    assert loader.ring.busy.sum() == 0
+
+
+@linux_only
+def test_a_forked_child_never_frees_the_parents_slots():
+    """A fork inherits the finalizers and the shared flags: a child dropping its copy of a batch must not free the
+    slot the parent still holds (the next batch would overwrite it)."""
+    from train.batch_ring import BatchRing, RingBatch
+
+    ring = BatchRing(workers=1, per_worker=1, batch_shape=(4,))
+    slot = ring.acquire(0)
+    batch = RingBatch(ring.id, slot, (4,), {})
+    batch.__setstate__(dict(batch.__dict__))  # as received by the main process
+    image = batch.to_batch()["image"]
+    pid = os.fork()
+    if pid == 0:  # the child: drop everything, collect, exit
+        del image, batch
+        gc.collect()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert ring.busy[slot] == 1  # still the parent's
+    del image
+    gc.collect()
+    assert ring.busy[slot] == 0
+
+
+def test_a_received_batch_that_is_never_handed_out_frees_its_slot():
+    from train.batch_ring import BatchRing, RingBatch
+
+    ring = BatchRing(workers=1, per_worker=2, batch_shape=(4,))
+    slot = ring.acquire(0)
+    sent = RingBatch(ring.id, slot, (4,), {})
+    del sent  # the worker's copy: dropping it after sending frees nothing
+    assert ring.busy[slot] == 1
+    received = RingBatch(ring.id, slot, (4,), {})
+    received.__setstate__(dict(received.__dict__))
+    del received  # the DataLoader dropped it (iterator reset)
+    assert ring.busy[slot] == 0
+
+
+def test_the_ring_is_used_only_where_workers_fork(tmp_path, monkeypatch):
+    import train.data
+
+    _, ds = _dataset(tmp_path)
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    loader = train.data.make_loader(ds, 3, workers=1, train=True, seed=0)
+    assert loader.ring is None and loader.multiprocessing_context is None  # the user's start method, untouched
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "fork")
+    assert train.data.make_loader(ds, 3, workers=1, train=True, seed=0).ring is not None

@@ -11,8 +11,11 @@ view of the slot, and the pages stay resident from batch to batch.
 
 A slot is free again when the last view of it dies (a finalizer on the numpy view the batch's tensor wraps). A batch
 that is kept (`list(loader)`, a notebook cell) just keeps its slot. A worker whose slots are all held falls back to a
-fresh block, so it never overwrites a live batch and never waits. With pin_memory, the pin thread copies the slot into
-pinned memory and frees it at once.
+fresh block (counted in `fallbacks`), so it never overwrites a live batch and never waits. With pin_memory, the pin
+thread copies the slot into pinned memory and frees it at once. A slot whose batch reached the main process but was
+never handed out (an epoch abandoned midway: the DataLoader drops what its workers had already sent) is freed when
+that message is dropped. Only the process that made the ring frees slots: a forked child inherits the finalizers and
+the shared flags, and must not free what the parent still holds.
 
 Needs the fork start method: the block is inherited by the workers, not pickled to them.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import os
 import weakref
 
 import numpy as np
@@ -42,12 +46,18 @@ class BatchRing:
         self.id = next(_IDS)
         self.workers, self.per_worker, self.batch_shape = workers, per_worker, tuple(batch_shape)
         self.slot_bytes = _round_up(int(np.prod(batch_shape)), PAGE)  # page-aligned slots: the fast copy path
+        self.owner = os.getpid()  # the only process that frees slots
         n = workers * per_worker
-        header = _round_up(n, PAGE)
+        counters = _round_up(n, 8)
+        header = _round_up(counters + 8 * workers, PAGE)
         # MAP_SHARED | MAP_ANONYMOUS: memory the forked workers share with this process, outside /dev/shm's quota.
         self._map = mmap.mmap(-1, header + n * self.slot_bytes)
         # Each flag has one writer at a time: the owning worker sets it (0 -> 1), the main process clears it (1 -> 0).
+        # Plain byte stores suffice: the worker's slot data reach the main process through a pipe (a full barrier)
+        # after its flag store, and the main process clears a flag only after the last reference to the slot's view
+        # is dropped (an atomic refcount decrement in torch, which orders the reads before it).
         self.busy = np.frombuffer(self._map, np.uint8, count=n)
+        self.fallbacks = np.frombuffer(self._map, np.uint64, count=workers, offset=counters)  # per worker
         self.slots = np.frombuffer(self._map, np.uint8, count=n * self.slot_bytes, offset=header).reshape(n, -1)
         _RINGS[self.id] = self
 
@@ -56,15 +66,17 @@ class BatchRing:
         return len(self._map)
 
     def acquire(self, worker: int) -> int | None:
-        """In worker `worker`: claim one of its free slots, or None when the consumer still holds all of them."""
+        """In worker `worker`: claim one of its free slots, or None (counted) when the consumer holds all of them."""
         for slot in range(worker * self.per_worker, (worker + 1) * self.per_worker):
             if self.busy[slot] == 0:
                 self.busy[slot] = 1
                 return slot
+        self.fallbacks[worker] += 1
         return None
 
     def release(self, slot: int) -> None:
-        self.busy[slot] = 0
+        if os.getpid() == self.owner:  # a forked child running an inherited finalizer frees nothing
+            self.busy[slot] = 0
 
     def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
         if int(np.prod(shape)) > self.slot_bytes:
@@ -77,23 +89,33 @@ class RingBatch:
 
     def __init__(self, ring_id: int, slot: int, shape: tuple[int, ...], fields: dict[str, np.ndarray]):
         self.ring_id, self.slot, self.shape, self.fields = ring_id, slot, tuple(shape), fields
+        self._holds_slot = False  # True once received: until handed out, this message is what keeps the slot
 
-    def _ring(self) -> BatchRing:
+    def __setstate__(self, state: dict) -> None:  # unpickled in the main process
+        self.__dict__.update(state, _holds_slot=True)
+
+    def __del__(self) -> None:
+        # Received but never handed out: the DataLoader dropped it (an epoch abandoned midway, its iterator reset).
+        if self.__dict__.get("_holds_slot") and (ring := _RINGS.get(self.ring_id)) is not None:
+            ring.release(self.slot)
+
+    def _take_ring(self) -> BatchRing:
         ring = _RINGS.get(self.ring_id)
-        if ring is None:  # only if a batch outlived its loader in flight, which the loader's own iterator prevents
+        if ring is None:  # the loader's worker_init_fn holds the ring while its workers can still send batches
             raise RuntimeError(f"batch slot {self.slot} of ring {self.ring_id}: that loader is gone")
+        self._holds_slot = False  # from here the caller frees the slot
         return ring
 
     def to_batch(self) -> dict[str, torch.Tensor]:
         """In the main process: the batch as tensors; the image is a view of the slot, freed with its last view."""
-        ring = self._ring()
+        ring = self._take_ring()
         image = ring.view(self.slot, self.shape)
         weakref.finalize(image, ring.release, self.slot)  # torch.from_numpy keeps `image` alive while any view lives
         return {"image": torch.from_numpy(image), **{k: torch.from_numpy(v) for k, v in self.fields.items()}}
 
     def pin_memory(self, device=None) -> dict[str, torch.Tensor]:
         """Called by the DataLoader's pin-memory thread: copy into pinned memory and free the slot at once."""
-        ring = self._ring()
+        ring = self._take_ring()
         try:
             image = torch.from_numpy(ring.view(self.slot, self.shape)).pin_memory()
         finally:

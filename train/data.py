@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -141,27 +140,31 @@ def make_loader(dataset: CacheDataset, batch_size: int, workers: int, train: boo
     # from the global RNG would shift dropout's stream depending on when the workers were started (a resume).
     generator = torch.Generator().manual_seed(seed + rank)
     ring = None
-    if workers > 0 and dataset.shape is not None and _can_fork():
+    if workers > 0 and dataset.shape is not None and _forks():
         # Reused shared slots (train.batch_ring): prefetch_factor batches in flight per worker, plus the one the
         # consumer holds and the one it is about to drop.
         ring = BatchRing(workers, PREFETCH + 2, (batch_size, *dataset.shape))
     return CacheLoader(dataset, ring, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                        pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False, generator=generator,
                        collate_fn=batch_as_is, prefetch_factor=PREFETCH if workers > 0 else None,
-                       multiprocessing_context="fork" if ring is not None else None,
                        worker_init_fn=partial(_attach_ring, ring) if ring is not None else None)
 
 
 PREFETCH = 2  # batches each loader worker reads ahead (torch's default)
 
 
-def _can_fork() -> bool:
-    """The ring is inherited by forked workers; fork is Linux's long-standing default (3.14 moved to forkserver)."""
-    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+def _forks() -> bool:
+    """Whether loader workers will be forked (the ring is inherited, not pickled): the start method the user set, else
+    the platform's default (fork on Linux up to Python 3.13; 3.14 moved to forkserver, macOS and Windows spawn).
+    Never forced: forking is the user's choice to make."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return method == "fork"
 
 
 def _attach_ring(ring: BatchRing, worker_id: int) -> None:
-    get_worker_info().dataset.ring = ring  # the worker's own copy of the dataset: other loaders are untouched
+    # The worker's own copy of the dataset, so other loaders are untouched; this partial, held by the loader, is also
+    # what keeps the ring registered while its workers can still send batches.
+    get_worker_info().dataset.ring = ring
 
 
 class CacheLoader(DataLoader):

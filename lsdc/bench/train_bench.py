@@ -108,8 +108,11 @@ def bench_train(cache_path: str | Path, *, backbone: str = "tf_efficientnetv2_s"
     log("bench train: model on device-resident batches")
     batches = [b for _, b in zip(range(4), _forever(loader))]
     result["model"] = _model_rate(step_fn, batches, steps, warmup, rt)
+    del batches  # on the CPU they are views of the loader's shared slots (train.batch_ring): give them back
     log("bench train: end to end")
     result["end_to_end"] = _end_to_end(step_fn, loader, steps, rt)
+    if loader.ring is not None:  # batches the workers could not put in a reused slot (should be ~0)
+        result["loader"]["ring_fallbacks"] = int(loader.ring.fallbacks.sum())
     if rt.device.type == "cuda":
         result["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
     result["ratios"] = {
