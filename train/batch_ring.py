@@ -61,10 +61,6 @@ class BatchRing:
         self.slots = np.frombuffer(self._map, np.uint8, count=n * self.slot_bytes, offset=header).reshape(n, -1)
         _RINGS[self.id] = self
 
-    @property
-    def nbytes(self) -> int:
-        return len(self._map)
-
     def acquire(self, worker: int) -> int | None:
         """In worker `worker`: claim one of its free slots, or None (counted) when the consumer holds all of them."""
         for slot in range(worker * self.per_worker, (worker + 1) * self.per_worker):
