@@ -145,13 +145,19 @@ def test_load_bench_and_cli_report(prep_result, tmp_path):
     assert "lsdc bench load" in text and "train loader (0 workers) / raw chunk read" in text
 
 
-def test_train_bench_counts(prep_result):
+def test_train_bench_counts(prep_result, monkeypatch):
+    from lsdc.bench import train_bench
     from lsdc.bench.train_bench import bench_train
 
+    sizes, step = [], train_bench._Step.__call__
+    monkeypatch.setattr(train_bench._Step, "__call__", lambda self, b, **k: sizes.append(len(b["image"])) or
+                        step(self, b, **k))
     _, work = prep_result
     result = bench_train(work / "build1", backbone="test_efficientnet", image_size=32, batch_size=4, steps=2,
                          warmup=1, workers=0, device="cpu")
     assert result["device"] == "cpu" and result["slices"] == 3 and result["image_size"] == 32
+    # an epoch's last, smaller batch (15 = 3 x 4 + 3) is warmed up before the timed steps, which then use full ones
+    assert result["partial_batch"] == 3 and sizes[:2] == [4, 3] and sizes[2:4] == [4, 4]
     assert result["model"]["samples"] == result["end_to_end"]["samples"] == 8
     assert result["loader"]["samples"] >= 15
     assert result["ratios"]["loader_headroom"] == pytest.approx(

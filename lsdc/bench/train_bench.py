@@ -107,7 +107,10 @@ def bench_train(cache_path: str | Path, *, backbone: str = "tf_efficientnetv2_s"
     result["loader"] = _loader_rate(loader, batches=max(steps, 2 * len(loader)))
     log("bench train: model on device-resident batches")
     batches = [b for _, b in zip(range(4), _forever(loader))]
-    result["model"] = _model_rate(step_fn, batches, steps, warmup, rt)
+    # An epoch ends in a smaller batch; its first step autotunes cuDNN afresh (new shapes, seconds on a GPU), which
+    # the timed phases would otherwise pay whenever they cross an epoch's end. Warm that shape too.
+    result["partial_batch"] = len(dataset) % cfg.batch_size
+    result["model"] = _model_rate(step_fn, batches, steps, warmup, rt, result["partial_batch"])
     del batches  # on the CPU they are views of the loader's shared slots (train.batch_ring): give them back
     log("bench train: end to end")
     result["end_to_end"] = _end_to_end(step_fn, loader, steps, rt)
@@ -179,12 +182,15 @@ def _loader_rate(loader, batches: int) -> dict[str, Any]:
     return {"samples": n, "seconds": seconds, "samples_per_s": n / seconds}
 
 
-def _model_rate(step_fn: _Step, batches: list[dict], steps: int, warmup: int, rt) -> dict[str, Any]:
+def _model_rate(step_fn: _Step, batches: list[dict], steps: int, warmup: int, rt, partial: int = 0
+                ) -> dict[str, Any]:
     from train.data import to_device
 
     on_device = [to_device(b, rt.device, step_fn.cfg.image_size) for b in batches]
     for i in range(warmup):  # cuDNN autotuning, allocator growth, compile
         step_fn(on_device[i % len(on_device)], on_device=True)
+    if warmup and partial:
+        step_fn({k: v[:partial] for k, v in on_device[0].items()}, on_device=True)
     _sync(rt.device)
     t0, n = time.perf_counter(), 0
     for i in range(steps):
