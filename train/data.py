@@ -174,6 +174,11 @@ class CacheLoader(DataLoader):
         super().__init__(dataset, **kwargs)
         self.ring = ring
 
+    @property
+    def ring_fallbacks(self) -> int | None:
+        """Batches the workers sent in a fresh block because all their slots were held (None: no ring)."""
+        return None if self.ring is None else int(self.ring.fallbacks.sum())
+
     def __iter__(self):
         for batch in super().__iter__():
             yield batch.to_batch() if isinstance(batch, RingBatch) else batch

@@ -85,7 +85,7 @@ def loader_epochs(dataset, batch_size: int, workers: int, epochs: int = 2) -> di
 
     loader = make_loader(dataset, batch_size, workers, train=True, seed=0)
     times = [_epoch(loader, epoch)[1] for epoch in range(epochs)]
-    fallbacks = int(loader.ring.fallbacks.sum()) if loader.ring is not None else None
+    fallbacks = loader.ring_fallbacks
     del loader  # persistent workers end here
     out = _rate(len(dataset), min(times[1:] or times))
     out.update(first_epoch_s=times[0], workers=workers, epochs=epochs, ring_fallbacks=fallbacks)

@@ -25,7 +25,8 @@ import numpy as np
 from lsdc.bench.common import (Clock, cpu_seconds, log, machine_info, minor_faults, peak_rss_mb, ratio, rss_mb,
                                 spread)
 
-BENCH_CACHES = ("plain", "build1", "build2", "build_dask_env", "build_small", "build_in_process")  # + build{N} for other N
+# + build{N} for other N
+BENCH_CACHES = ("plain", "build1", "build2", "build_dask_env", "build_small", "build_in_process")
 TARGETS = {"build_over_plain": ("<=", 1.3), "build_over_v8_epoch": ("<", 1.0), "speedup_2_workers": (">=", 1.8),
            "worker_peak_mb": ("<=", 1024.0)}
 

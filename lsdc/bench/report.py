@@ -112,8 +112,8 @@ def _rates_prep(result: dict[str, Any]) -> list[str]:
     label = {k: "build, 1 worker, dask's default env" if k == "1_dask_env" else f"build, {k} worker(s)"
              for k in builds}
     in_process = any("in_process" in run for run in result["runs"])
-    label["in_process"] = "build's code in this process" if in_process else None
-    label = {k: v for k, v in label.items() if v}
+    if in_process:
+        label["in_process"] = "build's code in this process"
     rows = ["| run | plain loop | v8-style epoch | " + " | ".join(label.values()) + " |"]
     rows.append("|---" * (3 + len(label)) + "|")
     for i, run in enumerate(result["runs"]):

@@ -114,8 +114,7 @@ def bench_train(cache_path: str | Path, *, backbone: str = "tf_efficientnetv2_s"
     del batches  # on the CPU they are views of the loader's shared slots (train.batch_ring): give them back
     log("bench train: end to end")
     result["end_to_end"] = _end_to_end(step_fn, loader, steps, rt)
-    if loader.ring is not None:  # batches the workers could not put in a reused slot (should be ~0)
-        result["loader"]["ring_fallbacks"] = int(loader.ring.fallbacks.sum())
+    result["loader"]["ring_fallbacks"] = loader.ring_fallbacks  # batches outside the reused slots (should be ~0)
     if rt.device.type == "cuda":
         result["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
     result["ratios"] = {
