@@ -5,10 +5,15 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test FORCE
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The torch spec last installed: rewritten only when TORCH_SPEC changes, so a new one reinstalls into .venv.
+$(VENV)/.torch_spec: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch_spec
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)

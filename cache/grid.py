@@ -47,7 +47,11 @@ def draw(reader: CacheReader, i: int = 0, windows: list[str] | None = None, scal
     Columns are titled with the slice's offset along the stack (mm) and instance number; the labelled slice
     (offset 0) is framed in red and slices copied from the stack's edge are marked "edge copy".
     """
-    from matplotlib.figure import Figure  # not pyplot: no global figure state, works with any backend
+    try:
+        from matplotlib.figure import Figure  # not pyplot: no global figure state, works with any backend
+    except ImportError as e:  # the base and prep installs have no matplotlib
+        raise ImportError("drawing a sample needs matplotlib: pip install -e '.[notebook]' (or pip install "
+                          "matplotlib)") from e
 
     stack = reader[i]
     rec = reader.index.iloc[int(i)]

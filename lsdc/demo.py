@@ -7,6 +7,7 @@ chooses small settings (and says which in demo_report.md).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,10 +59,17 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     data, train_cache, test_cache, run = out / "data", out / "cache_train", out / "cache_test", out / "run"
     timings: list[dict] = []
     started = time.perf_counter()
+    rerun = _claim(out, cfg)
     atomic_write_json(out / "demo_config.json", asdict(cfg))  # the demo's own settings; each stage records its own
 
-    _stage("synth", timings, synth, data, studies=cfg.studies, seed=cfg.seed, image_size=cfg.image_size,
-           difficulty=cfg.difficulty, workers=cfg.workers)
+    # A rerun continues: synth's manifest is written last, so its presence means the data is complete; prep resumes
+    # its caches (nothing to do when finalised) and training resumes from its last checkpoint.
+    if rerun and (data / "synth_manifest.json").exists():
+        print("\n== synth ==\n   already made with these settings", flush=True)
+        timings.append({"stage": "synth", "seconds": 0.0, "reused": True})
+    else:
+        _stage("synth", timings, synth, data, studies=cfg.studies, seed=cfg.seed, image_size=cfg.image_size,
+               difficulty=cfg.difficulty, workers=cfg.workers)
     crop = {} if cfg.crop_mm is None else {"crop_scale": 1.0, "crop_base_mm": cfg.crop_mm / 2}
     prep_cfg = PrepConfig(conditions=cfg.conditions, size=cfg.crop_size, **crop)
     built = _stage("prep (train split)", timings, build, data, train_cache, prep_cfg, workers=cfg.workers)
@@ -76,7 +84,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
         lr_backbone=cfg.lr, lr_head=cfg.lr, patience=None, best_rule="v8", device="cpu",
         extra={"why": "demo: no pretrained weights offline, so the backbone learns from scratch at a higher lr"},
     ).with_overrides([f"{k}={v}" for k, v in cfg.train_overrides.items()])
-    _stage("train", timings, fit, train_cache, run, train_cfg)
+    _stage("train", timings, fit, train_cache, run, train_cfg, resume=rerun and (run / "config.json").exists())
     result = _stage("evaluate", timings, evaluate, [run])
     sub = _stage("predict", timings, predict, [run], test_cache, out / "submission.csv",
                  sample_submission=data / "sample_submission.csv", device="cpu")
@@ -100,6 +108,25 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     }
     _write_report(out, cfg, figures)
     return figures
+
+
+class DemoSettingsDiffer(ValueError):
+    """The output folder holds a demo made with other settings."""
+
+
+def _claim(out: Path, cfg: DemoConfig) -> bool:
+    """True when ``out`` holds a demo with these settings (a rerun continues it); refuse one with other settings,
+    whose data, caches and run would not match. The worker count changes no result, so it may differ."""
+    saved = out / "demo_config.json"
+    if not saved.exists():
+        return False
+    mine = json.loads(json.dumps(asdict(cfg)))
+    theirs = json.loads(saved.read_text())
+    if {k: v for k, v in theirs.items() if k != "workers"} != {k: v for k, v in mine.items() if k != "workers"}:
+        changed = sorted(k for k in set(mine) | set(theirs) if k != "workers" and mine.get(k) != theirs.get(k))
+        raise DemoSettingsDiffer(f"{out} holds a demo made with other settings ({', '.join(changed)} differ): "
+                                 f"choose another --out, or delete {out} to start again")
+    return True
 
 
 def _best_epoch(metrics_path: Path) -> dict[str, Any]:
@@ -131,7 +158,7 @@ def _write_report(out: Path, cfg: DemoConfig, f: dict[str, Any]) -> None:
         f"| submission rows | {f['submission_rows']} |",
         f"| total time | {f['seconds']} s |", "",
         "| stage | seconds |", "|---|---|",
-        *[f"| {t['stage']} | {t['seconds']} |" for t in f["timings"]], "",
+        *[f"| {t['stage']} | {'reused' if t.get('reused') else t['seconds']} |" for t in f["timings"]], "",
         "Run directory: `run/` (config, metrics.jsonl, checkpoints, plots/, report.md). "
         "Submission: `submission.csv`.",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -91,3 +92,15 @@ def test_show_accepts_snake_case_and_names_what_is_wrong(built: Path, tmp_path: 
     res = runner.invoke(app, ["cache", "show", str(built), "--study", "1000", "--condition", "spinal",
                               "--level", "L4/L5"])
     assert res.exit_code == 2 and "unknown condition 'spinal'" in res.output
+
+
+def test_show_without_matplotlib_says_what_to_install(built: Path, tmp_path: Path, monkeypatch) -> None:
+    # A prep-only box has no matplotlib: the command must say what to install, not dump a traceback.
+    for name in [m for m in list(sys.modules) if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises
+    out = tmp_path / "grid.png"
+    res = runner.invoke(app, ["cache", "show", str(built), "--study", "1000", "--condition",
+                              "Right Neural Foraminal Narrowing", "--level", "L3/L4", "--out", str(out)])
+    assert res.exit_code == 2 and "needs matplotlib" in res.output and "[notebook]" in res.output
+    assert not out.exists()

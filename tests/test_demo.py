@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
+from typer.testing import CliRunner
 
 from cache.rsna import PROB_COLUMNS
-from lsdc.demo import DemoConfig, run_demo
+from lsdc.cli import app
+from lsdc.demo import DemoConfig, DemoSettingsDiffer, run_demo
 
 
 def test_demo_runs_every_stage_and_reports_real_figures(tmp_path):
@@ -25,3 +28,23 @@ def test_demo_runs_every_stage_and_reports_real_figures(tmp_path):
     assert f"{figures['best_ba']:.3f}" in report and "nan" not in report
     assert json.loads((tmp_path / "demo_config.json").read_text())["studies"] == 5
     assert (tmp_path / "run" / "report.md").exists() and (tmp_path / "run" / "plots" / "confusion.png").exists()
+
+
+def test_demo_rerun_continues_and_other_settings_are_refused(tmp_path):
+    cfg = DemoConfig(studies=5, epochs=1, image_size=(48, 64), crop_size=32, backbone="test_efficientnet", workers=1)
+    first = run_demo(tmp_path, cfg)
+    dicom = next((tmp_path / "data" / "train_images").rglob("*.dcm"))
+    checkpoint = tmp_path / "run" / "fold0" / "last.pt"
+    stamps = dicom.stat().st_mtime_ns, checkpoint.stat().st_mtime_ns
+
+    # `make demo` twice: the data is reused, the finished run is not retrained, the figures are the same.
+    again = run_demo(tmp_path, DemoConfig(**{**cfg.__dict__, "workers": 2}))
+    assert (dicom.stat().st_mtime_ns, checkpoint.stat().st_mtime_ns) == stamps
+    assert again["timings"][0] == {"stage": "synth", "seconds": 0.0, "reused": True}
+    assert again["best_ba"] == first["best_ba"] and again["oof_score"] == first["oof_score"]
+    assert "| synth | reused |" in (tmp_path / "demo_report.md").read_text()
+
+    with pytest.raises(DemoSettingsDiffer, match="epochs differ"):
+        run_demo(tmp_path, DemoConfig(**{**cfg.__dict__, "epochs": 3}))
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--studies", "6"])
+    assert res.exit_code == 2 and "other settings" in res.output and "studies" in res.output

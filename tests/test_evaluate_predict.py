@@ -174,10 +174,10 @@ def test_checkpoints_and_priors_from_a_run_dir(tmp_path):
     assert paths == [run / "fold0" / "best.pt", run / "fold1" / "best.pt"]
     configs = [checkpoint_config(p) for p in paths]
     assert configs[0]["conditions"] == [SPINAL]
-    labels = [0] * 6 + [1] * 3 + [2]  # mix 0.6 / 0.3 / 0.1
+    labels = [0] * 6 + [1] * 3 + [2]  # with one pseudo-count per grade: 7/13, 4/13, 2/13
     pd.DataFrame({"condition": SPINAL, "label": pd.array(labels, dtype="Int8")}).to_parquet(run / "oof.parquet")
     priors, source = condition_priors(paths, configs)
-    assert priors[SPINAL] == pytest.approx([0.375, 0.375, 0.25]) and source[SPINAL].endswith("oof.parquet: labels")
+    assert priors[SPINAL] == pytest.approx([7 / 23, 8 / 23, 8 / 23]) and source[SPINAL].endswith("oof.parquet: labels")
     assert priors[LEFT_FOR] == pytest.approx(metric_optimal(np.array([0.778, 0.182, 0.040])))
     assert source[LEFT_FOR] == "published competition mix"
     with pytest.raises(FileNotFoundError, match="no fold"):
@@ -370,10 +370,13 @@ def test_synth_prep_train_predict_score(tmp_path):
     assert missing.loc[f"{first}_spinal_canal_stenosis_l1_l2", "reason"] == "no crop in the cache (no coordinate)"
     assert missing.loc[f"{first}_right_neural_foraminal_narrowing_l1_l2", "reason"] == \
         "no model trained on this condition"
+    # its fill-in value: the metric-optimal constant for fold 0's training mix (= fold 1's validation samples, with
+    # one pseudo-count per grade), stored in fold 0's checkpoint
     oof = pd.read_parquet(run / "oof.parquet")
-    mix = np.bincount(oof.loc[oof["condition"] == SPINAL, "label"].dropna().astype(int), minlength=3)
+    counts = np.bincount(oof.loc[(oof["condition"] == SPINAL) & (oof["fold"] == 1), "label"].astype(int), minlength=3)
     assert sub.set_index("row_id").loc[f"{first}_spinal_canal_stenosis_l1_l2"].to_numpy() == pytest.approx(
-        metric_optimal(mix / mix.sum()))
+        metric_optimal((counts + 1) / (counts.sum() + 3)))
+    assert missing.loc[f"{first}_spinal_canal_stenosis_l1_l2", "prior_source"].endswith("fold0/best.pt: class_prior")
 
     got = score_submission(data / "test_labels.csv", out, details=True)
     assert not got["partial"] and all(math.isfinite(got[k]) and got[k] > 0 for k in SCORE_KEYS)

@@ -19,6 +19,7 @@ from tiny_cache import make_tiny_cache
 from train import loop
 from train.config import TrainConfig
 from train.infer import predict_cache
+from train.predict import checkpoint_config, condition_priors
 
 TIMING = ("samples_per_s",)
 OOF_COLUMNS = ["row", "study_id", "series_id", "condition", "level", "label", "fold", *PROB_COLUMNS]
@@ -61,9 +62,18 @@ def test_two_epochs_loss_falls_and_run_directory(tiny, tmp_path):
         ckpt = torch.load(run / "fold0" / name, weights_only=True)
         assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "config"} <= set(ckpt)
     assert torch.load(run / "fold0" / "last.pt", weights_only=True)["epoch"] == 1
+    # the fold's training label mix per condition, which predict's fill-in values come from
+    index = cache.open(tiny).index
+    train_rows = index["study_id"].isin(folds.loc[folds["fold"] != 0, "study_id"]) & index["label"].notna()
+    stored = torch.load(run / "fold0" / "best.pt", weights_only=True)["class_prior"]
+    assert set(stored) == set(index["condition"])
+    for condition, mix in stored.items():
+        labels = index.loc[train_rows & (index["condition"] == condition), "label"].astype(int)
+        assert mix == pytest.approx(((np.bincount(labels, minlength=3) + 1) / (len(labels) + 3)).tolist())
+    priors, source = condition_priors([run / "fold0" / "best.pt"], [checkpoint_config(run / "fold0" / "best.pt")])
+    assert all(source[c].endswith("best.pt: class_prior") for c in stored)
     oof = pd.read_parquet(run / "oof.parquet")
     assert list(oof.columns) == OOF_COLUMNS
-    index = cache.open(tiny).index
     val_studies = folds.loc[folds["fold"] == 0, "study_id"]
     assert set(oof["row"]) == set(index.loc[index["study_id"].isin(val_studies) & index["label"].notna(), "row"])
     assert (oof["fold"] == 0).all() and oof["label"].notna().all()

@@ -32,6 +32,7 @@ from train.data import CacheDataset, make_loader, select_samples, to_device, wan
 from train.infer import model_from_checkpoint, predict_probs, prediction_frame
 from train.losses import WeightedFocalCE
 from train.metrics import classification_metrics, passes_v8_rule, weighted_log_loss
+from train.predict import smoothed_mix
 from train.model import LSDCModel, WeightAverage, build_model
 from train.runtime import (Runtime, all_reduce_sum, broadcast_flag, rng_state, seed_everything, set_deterministic,
                            set_rng_state, setup_runtime)
@@ -113,11 +114,14 @@ def validate(model: LSDCModel, loader, val_index: pd.DataFrame, cfg: TrainConfig
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, raw: LSDCModel, opt, sched, scaler, average: WeightAverage | None, gen, epoch: int,
-                    cfg: TrainConfig, fold: int, state: dict, eval_with: str) -> None:
+                    cfg: TrainConfig, fold: int, state: dict, eval_with: str,
+                    class_prior: dict[str, list[float]] | None = None) -> None:
+    """class_prior: the fold's training label mix per condition; predict fills rows the model cannot answer with
+    the metric-optimal value for it (train/predict.py)."""
     ckpt = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "ema": average.state_dict() if average is not None else None,
             "rng": rng_state(gen), "epoch": epoch, "config": cfg.to_dict(), "fold": fold, "state": state,
-            "eval_with": eval_with}
+            "eval_with": eval_with, "class_prior": class_prior}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # a kill mid-save leaves the previous checkpoint intact
 
 
@@ -163,6 +167,7 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
     seed_everything(cfg.seed)
     counts = np.bincount(train_ds.label, minlength=3)
     raw = build_model(cfg, torch.tensor(counts / counts.sum())).to(rt.device)
+    class_prior = training_mix(train_ds, cfg.conditions)
     steps_per_epoch = len(train_loader)
     opt, sched = make_optimizer(raw, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
@@ -207,7 +212,7 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
             # best before last: a kill between the two resumes from the older last.pt and redoes this epoch
             for name in (["best.pt"] if record["best"] else []) + ["last.pt"]:
                 save_checkpoint(fold_dir / name, raw, opt, sched, scaler, average, gen, epoch, cfg, fold,
-                                {**state, "stopped": stop}, eval_with)
+                                {**state, "stopped": stop}, eval_with, class_prior)
             _summary_line(record, cfg)
             if stop:
                 print(f"fold {fold}: stopping after epoch {epoch}: {reason}")
@@ -352,6 +357,17 @@ def fit(cache_path: str | Path | None, out_dir: str | Path, cfg: TrainConfig | N
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def training_mix(ds, conditions: tuple[str, ...]) -> dict[str, list[float]]:
+    """Label fractions (Normal/Mild, Moderate, Severe) per condition among a dataset's labelled samples, with one
+    pseudo-count per grade (train.predict.smoothed_mix)."""
+    mix = {}
+    for k, c in enumerate(conditions):
+        fractions = smoothed_mix(np.bincount(ds.label[(ds.condition == k) & (ds.label >= 0)], minlength=3))
+        if fractions is not None:
+            mix[c] = fractions.tolist()
+    return mix
+
 
 def _has_progress(run_dir: Path) -> bool:
     """Whether a run directory holds anything worth keeping: a checkpoint or a finished fold."""

@@ -32,7 +32,7 @@ def missing_log(out_csv: str | os.PathLike) -> Path:
     """The CSV listing the rows filled with the prior, beside its submission: sub2.csv -> sub2_missing.csv."""
     out_csv = Path(out_csv)
     return out_csv.with_name(f"{out_csv.stem}_missing.csv")
-# The competition's label mix per condition (Normal/Mild, Moderate, Severe; ../shared/rsna_csv/README.md): the last
+# The competition's label mix per condition (Normal/Mild, Moderate, Severe; from its train.csv): the last
 # resort when neither a checkpoint nor its run's labels say what the training mix was.
 PUBLISHED_MIX: dict[str, tuple[float, float, float]] = dict(zip(CONDITIONS, (
     (0.878, 0.075, 0.048), (0.778, 0.182, 0.040), (0.781, 0.180, 0.039), (0.714, 0.191, 0.095), (0.714, 0.190, 0.096),
@@ -82,16 +82,23 @@ def metric_optimal(mix: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
+def smoothed_mix(counts) -> np.ndarray | None:
+    """Label fractions with one pseudo-count per class (Laplace): a grade that a small training set lacks still gets
+    a probability above 0, so a row filled with the prior can never score an infinite log loss."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return (counts + 1) / (counts.sum() + len(counts)) if counts.sum() else None
+
+
 def label_mix(labels: pd.Series) -> np.ndarray | None:
-    counts = np.bincount(labels.dropna().to_numpy(dtype=np.int64), minlength=3).astype(np.float64)
-    return counts / counts.sum() if counts.sum() else None
+    return smoothed_mix(np.bincount(labels.dropna().to_numpy(dtype=np.int64), minlength=3))
 
 
 def condition_priors(checkpoints: list[Path], configs: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict]:
     """Metric-optimal fill-in value per condition, and where each one's training mix came from.
 
-    The training mix is taken from a checkpoint's stored class prior, else from the labels in its run's
-    oof.parquet (every training sample appears there once), else from the competition's published mix.
+    The training mix is taken from a checkpoint's stored class prior (lsdc's checkpoints store their fold's training
+    mix per condition), else from the labels in its run's oof.parquet (its folds' validation samples), else from the
+    competition's published mix.
     """
     priors, source = {}, {}
     for path, cfg in zip(checkpoints, configs):

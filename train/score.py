@@ -1,6 +1,6 @@
 """The RSNA 2024 competition score, torch-free (numpy, pandas, scikit-learn).
 
-Definition (../shared/rsna_csv/README.md, docs/metric.md): per condition group (spinal; foraminal = left + right;
+Definition (the competition's evaluation page; docs/metric.md): per condition group (spinal; foraminal = left + right;
 subarticular = left + right) a sample-weighted log loss with weights 1, 2, 4 for a true Normal/Mild, Moderate,
 Severe; plus `any_severe_spinal`, a binary log loss per study of "any spinal level is Severe" predicted by the
 largest P(severe) over its spinal levels, weighted by the largest sample weight among those levels. The score is the

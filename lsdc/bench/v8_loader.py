@@ -1,6 +1,6 @@
 """A stand-in for the v8 notebook's Dataset, kept ONLY as the baseline of `lsdc bench`. Never train on it.
 
-It reproduces what the notebook did on every sample of every epoch (../shared/notes/v8_notebook.md), bugs included,
+It reproduces what the notebook did on every sample of every epoch (README: What v8 got wrong), bugs included,
 because the benchmark's question is "how much faster is reading the cache than doing this every epoch":
 
 - the 7 files instance_number - 3 .. + 3 are decoded with pydicom (instance numbers taken as positions, bug 3);

@@ -103,6 +103,10 @@ def show(
         typer.secho(f"error: {why}", fg="red", err=True)
         raise typer.Exit(2)
     out = out or Path(f"show_{study}_{slug(condition)}_{slug(level)}.png")
-    fig = view.show(row)
+    try:
+        fig = view.show(row)
+    except ImportError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     typer.echo(f"wrote {out}")

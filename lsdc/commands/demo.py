@@ -19,8 +19,14 @@ def register(app: typer.Typer) -> None:
                                                help="timm model, trained from scratch (default mobilenetv3_small_050)."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Processes for synth and prep (default 2)."),
     ) -> None:
-        """Run the whole pipeline on built-in synthetic data; writes OUT/demo_report.md (a few minutes on 2 cores)."""
-        from lsdc.demo import DemoConfig, run_demo
+        """Run the whole pipeline on built-in synthetic data; writes OUT/demo_report.md (a few minutes on 2 cores).
+
+        Rerunning with the same settings continues an interrupted demo (a finished one redoes only its report)."""
+        from lsdc.demo import DemoConfig, DemoSettingsDiffer, run_demo
 
         given = dict(studies=studies, epochs=epochs, seed=seed, backbone=backbone, workers=workers)
-        run_demo(out, DemoConfig(**{k: v for k, v in given.items() if v is not None}))
+        try:
+            run_demo(out, DemoConfig(**{k: v for k, v in given.items() if v is not None}))
+        except DemoSettingsDiffer as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None

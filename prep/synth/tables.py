@@ -17,7 +17,7 @@ from cache.io import atomic_write
 from cache.rsna import CONDITION_GROUP, CONDITIONS, LABEL_COLUMNS, LABELS, LEVELS, PROB_COLUMNS, label_column, \
     submission_row_ids
 
-# Real per-condition label mix (Normal/Mild, Moderate, Severe) from ../shared/rsna_csv/README.md.
+# Real per-condition label mix (Normal/Mild, Moderate, Severe), counted from the competition's train.csv.
 LABEL_MIX: dict[str, tuple[float, float, float]] = {
     "spinal": (0.878, 0.075, 0.048),
     "foraminal": (0.780, 0.181, 0.039),
