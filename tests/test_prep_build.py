@@ -195,3 +195,18 @@ def test_local_cluster_workers_get_prep_malloc_settings(monkeypatch):
     monkeypatch.setattr(pb, "_USER_MALLOC", {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": None})
     with pb.local_cluster(1) as cluster:
         assert env_of(cluster) == {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": None}
+
+
+def test_local_cluster_workers_run_without_the_profiler_and_gpu_polling():
+    """The settings reach the worker processes: no stack profiler, no NVML polling, slower chores."""
+    import dask
+    from dask.distributed import Client
+
+    import prep.build as pb
+
+    keys = ["distributed.worker.profile.enabled", "distributed.diagnostics.nvml", "distributed.admin.tick.interval",
+            "distributed.admin.system-monitor.interval", "distributed.worker.memory.monitor-interval"]
+    with pb.local_cluster(1) as cluster, Client(cluster) as client:
+        seen = next(iter(client.run(lambda: [dask.config.get(k) for k in keys]).values()))
+    assert seen == [False, False, "200ms", "2s", "500ms"]
+    assert dask.config.get("distributed.admin.tick.interval") != "200ms"  # the caller's own config is left alone
