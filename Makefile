@@ -8,17 +8,22 @@ BIN := $(VENV)/bin
 .PHONY: setup demo test FORCE
 setup: $(VENV)/.installed
 
-# The torch spec last installed: rewritten only when TORCH_SPEC changes, so a new one reinstalls into .venv.
-$(VENV)/.torch_spec: FORCE
-	@mkdir -p $(VENV)
-	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
-
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch_spec
+$(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e '.[all,dev]'
+	echo '$(TORCH_SPEC)' > $(VENV)/.torch_spec
 	touch $@
+
+# A TORCH_SPEC given to make (command line or environment) that differs from the one installed reinstalls into
+# .venv; a plain `make` never swaps the torch build a user chose.
+ifneq ($(origin TORCH_SPEC),file)
+$(VENV)/.installed: $(VENV)/.torch_spec
+$(VENV)/.torch_spec: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+endif
 
 demo: setup
 	$(BIN)/lsdc demo --out demo_out

@@ -55,7 +55,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     from train.score import score_submission
 
     cfg = cfg or DemoConfig()
-    out = Path(out)
+    out = Path(out).resolve()  # the test cache's config names its coordinates file: one spelling for every rerun
     data, train_cache, test_cache, run = out / "data", out / "cache_train", out / "cache_test", out / "run"
     timings: list[dict] = []
     started = time.perf_counter()
@@ -119,6 +119,8 @@ def _claim(out: Path, cfg: DemoConfig) -> bool:
     whose data, caches and run would not match. The worker count changes no result, so it may differ."""
     saved = out / "demo_config.json"
     if not saved.exists():
+        return False
+    if {p.name for p in out.iterdir()} == {saved.name}:  # it failed before its first stage wrote anything
         return False
     mine = json.loads(json.dumps(asdict(cfg)))
     theirs = json.loads(saved.read_text())

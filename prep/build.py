@@ -131,13 +131,16 @@ def local_cluster(workers: int):
     # with the GIL from the thread that does the work.
     settings["distributed.worker.profile.enabled"] = False
     # The driver's and workers' periodic chores, at rates a build needs: the event-loop tick (default 20 ms), the
-    # resource monitor (500 ms; on a GPU box it also polls the GPU through NVML, which no build worker uses) and the
-    # nanny's memory check (100 ms, per worker, in the driver). Measured on 2 cores: the driver's CPU during a build
-    # falls by a third (docs/benchmarks.md).
+    # resource monitor (500 ms) and the nanny's memory check (100 ms, per worker, in the driver). Measured on 2 cores:
+    # the driver's CPU during a build falls by a third (docs/benchmarks.md).
     settings.update({"distributed.admin.tick.interval": "200ms", "distributed.admin.system-monitor.interval": "2s",
-                     "distributed.diagnostics.nvml": False, "distributed.worker.memory.monitor-interval": "500ms"})
+                     "distributed.worker.memory.monitor-interval": "500ms"})
+    # On a GPU box every worker's resource monitor would also poll the GPU through NVML, which no build worker uses.
+    # Set for the workers only: in this process dask's NVML switch, once read, holds for the process's lifetime.
     with dask.config.set(settings):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        # the nanny merges this over the config only one level deep: hand it the whole config, changed
+        worker_config = dask.config.merge(dask.config.config, {"distributed": {"diagnostics": {"nvml": False}}})
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, config=worker_config,
                             dashboard_address=":0")  # any free port: two builds (or Jupyter) never collide on 8787
 
 

@@ -48,3 +48,18 @@ def test_demo_rerun_continues_and_other_settings_are_refused(tmp_path):
         run_demo(tmp_path, DemoConfig(**{**cfg.__dict__, "epochs": 3}))
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--studies", "6"])
     assert res.exit_code == 2 and "other settings" in res.output and "studies" in res.output
+
+
+def test_demo_rerun_with_another_spelling_of_out_and_after_an_early_failure(tmp_path, monkeypatch):
+    cfg = DemoConfig(studies=5, epochs=1, image_size=(48, 64), crop_size=32, backbone="test_efficientnet", workers=1)
+    monkeypatch.chdir(tmp_path)
+    run_demo("demo", cfg)
+    again = run_demo(tmp_path / "demo", cfg)  # the same folder, spelled absolute: its caches still match
+    assert again["timings"][0]["reused"]
+
+    # a demo that failed before writing anything does not pin its settings on the folder
+    with pytest.raises(ValueError, match="studies"):
+        run_demo(tmp_path / "early", DemoConfig(studies=0))
+    assert [p.name for p in (tmp_path / "early").iterdir()] == ["demo_config.json"]
+    with pytest.raises(ValueError, match="image_size"):  # a new setting is taken, and fails on its own terms
+        run_demo(tmp_path / "early", DemoConfig(studies=1, image_size=(8, 8)))

@@ -210,3 +210,4 @@ def test_local_cluster_workers_run_without_the_profiler_and_gpu_polling():
         seen = next(iter(client.run(lambda: [dask.config.get(k) for k in keys]).values()))
     assert seen == [False, False, "200ms", "2s", "500ms"]
     assert dask.config.get("distributed.admin.tick.interval") != "200ms"  # the caller's own config is left alone
+    assert dask.config.get("distributed.diagnostics.nvml") is True  # and the driver may still watch its GPU

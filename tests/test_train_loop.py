@@ -120,6 +120,23 @@ def test_dead_class_monitor_fires_and_stops(tiny, tmp_path, monkeypatch, caplog)
     assert "dead_class" in (run / "report.md").read_text()
 
 
+def test_a_kill_before_the_first_last_pt_logs_each_epoch_once(tiny, tmp_path, monkeypatch):
+    real = loop.save_checkpoint
+
+    def killed_saving_last(path, *args, **kwargs):
+        if path.name == "last.pt":
+            raise KeyboardInterrupt  # epoch 0 is logged and best.pt written, last.pt never
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_saving_last)
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(tiny, tmp_path / "run", tiny_cfg())
+    assert [e["epoch"] for e in epochs_of(tmp_path / "run")] == [0]
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    loop.fit(None, tmp_path / "run", resume=True)  # no last.pt: the fold starts again at epoch 0
+    assert [e["epoch"] for e in epochs_of(tmp_path / "run")] == [0, 1]
+
+
 def test_resume_equals_uninterrupted_run(tiny, tmp_path, monkeypatch):
     cfg = tiny_cfg(epochs=3, deterministic=True, freeze_epochs=1, swa_start=1)
     loop.fit(tiny, tmp_path / "full", cfg)

@@ -180,8 +180,9 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
         ckpt = load_checkpoint_into(fold_dir / "last.pt", raw, opt, sched, scaler, average, gen, rt)
         state, start = ckpt["state"], ckpt["epoch"] + 1
         if rt.master:
-            _truncate_metrics(run_dir / "metrics.jsonl", fold, start)
             print(f"fold {fold}: resumed from {fold_dir / 'last.pt'} at epoch {start}")
+    if resume and rt.master:  # also with no last.pt: a kill in epoch 0 may have logged that epoch already
+        _truncate_metrics(run_dir / "metrics.jsonl", fold, start)
     if rt.master:
         print(f"fold {fold}: {len(train_ds)} train / {len(val_ds)} val samples, class counts {counts.tolist()}, "
               f"{steps_per_epoch} steps per epoch, device {rt.device} x{rt.world_size}, amp {rt.amp_dtype}")

@@ -106,6 +106,8 @@ def show(
     try:
         fig = view.show(row)
     except ImportError as e:
+        if "matplotlib" not in str(e):
+            raise
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
