@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from cache.format import INDEX_COLUMNS
 from prep.config import PrepConfig
 from prep.samples import errors_frame, read_samples
 from prep.series import Record, process_series
+
+log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")  # dask's own schedulers; anything else is an address
 
@@ -232,6 +235,11 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
                                           config=cfg, clean=clean, codec=config.codec)
         keys = {t["key"] for t in tasks}
         done = {k: v for k, v in writer.completed_tasks().items() if k in keys}
+        lost = writer.lost_rows(r["row"] for recs in done.values() for r in recs if r["ok"])
+        if lost:  # chunks a power loss took from tasks marked done: those tasks run again
+            log.warning("%s: %d chunks of finished series are missing or cut short (e.g. rows %s); their series are "
+                        "built again", out, len(lost), sorted(lost)[:5])
+            done = {k: v for k, v in done.items() if not any(r["ok"] and r["row"] in lost for r in v)}
         pending = [t for t in tasks if t["key"] not in done]
         if stop_after is not None:
             pending = pending[:stop_after]

@@ -169,11 +169,11 @@ from prep.build import build
 from prep.config import PrepConfig
 marker = {str(pause_on_manifest) if pause_on_manifest else None!r}
 real = cache.writer.atomic_write_json
-def atomic_write_json(path, obj):
+def atomic_write_json(path, obj, **kwargs):
     if marker and Path(path).name == "manifest.json":
         Path(marker).touch()
         time.sleep(3600)
-    real(path, obj)
+    real(path, obj, **kwargs)
 cache.writer.atomic_write_json = atomic_write_json
 build({str(data)!r}, {str(out)!r}, PrepConfig.from_dict({CFG.to_dict()!r}), scheduler="synchronous")
 """

@@ -84,6 +84,28 @@ def test_interrupted_build_resumes_to_the_same_cache(data, reference, tmp_path):
     assert rebuilt.built == 15 and cache.open(out)[0].shape == (5, 3, 32, 32)
 
 
+def test_resume_redoes_what_a_power_loss_took(data, reference, tmp_path, caplog):
+    """Progress files are not fsynced: after a power loss one may be empty, or vouch for chunks that are missing or
+    cut short. A rerun must build those series again and end with the clean build's cache."""
+    out = tmp_path / "c"
+    part = build(data, out, CFG, scheduler="synchronous", stop_after=3)  # 3 series of 3 studies x 1 series
+    assert part.built == 15 and not part.finalised
+    progress = sorted((out / cache.format.PROGRESS_DIR).glob("*.json"))
+    assert len(progress) == 3
+    progress[0].write_bytes(b"")  # the file's data never reached the disk
+    writer = cache.CacheWriter.open(out)
+    chunks = sorted((out / "crops").glob("c.*"), key=lambda p: int(p.name.split(".")[1]))
+    chunks[5].write_bytes(chunks[5].read_bytes()[:1000])  # cut short
+    chunks[12].unlink()  # gone
+    rows = {int(p.name.split(".")[1]) for p in chunks}
+    assert writer.lost_rows(rows) == {int(chunks[5].name.split(".")[1]), int(chunks[12].name.split(".")[1])}
+    with caplog.at_level("WARNING"):
+        again = build(data, out, CFG, scheduler="synchronous")
+    assert again.finalised and again.resumed == 0  # each of the 3 series lost something (15 rows, 5 per series)
+    assert "unreadable" in caplog.text and "missing or cut short" in caplog.text
+    assert _content(out) == _content(reference)
+
+
 def test_kill_9_mid_build_then_resume_gives_the_same_cache(tmp_path):
     data = write_dataset(tmp_path / "data", studies=6, slices=15, size=192)
     cfg = replace(CFG, size=64)
