@@ -17,7 +17,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable:
     within one filesystem, so the temp file is made in the target's own directory. That holds whenever the process
     dies (kill -9, out of memory). ``durable`` also fsyncs the file before the rename, so it survives a power loss or
     an OS crash; files written by the thousand (a build's progress files, synthetic DICOMs) skip it: an fsync per
-    series made the whole build ~8 % slower on ext4 (docs/benchmarks.md), and their readers cope with a lost file.
+    series made a build 1-8 % slower on ext4 (docs/benchmarks.md), and their readers cope with a lost file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

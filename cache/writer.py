@@ -166,7 +166,7 @@ class CacheWriter:
     def save_task(self, key: str, records: list[dict[str, Any]]) -> None:
         """Record that a task (one series) is done, with its small per-sample records; atomic, after its chunks.
 
-        Not fsynced (one per series cost ~8 % of a build): a power loss may lose or empty this file, or the chunks it
+        Not fsynced (one per series cost 1-8 % of a build): a power loss may lose or empty this file, or the chunks it
         vouches for. completed_tasks and lost_rows catch both, and the task is simply done again.
         """
         atomic_write_json(self.root / fmt.PROGRESS_DIR / f"{fmt.safe_key(key)}.json", {"key": key, "records": records},
