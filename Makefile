@@ -8,13 +8,22 @@ BIN := $(VENV)/bin
 .PHONY: setup demo test FORCE
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# A strict editable install: each module is a link under build/, on sys.path. setuptools' default (lenient) editable
+# finder runs after the current directory is searched, so in a folder holding its own `cache/` (a crop cache, say)
+# `import cache` would find that folder instead. Strict links only the modules present at install time, so adding or
+# removing one reinstalls (the module list below).
+$(VENV)/.installed: pyproject.toml $(VENV)/.modules
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[all,dev]'
+	$(BIN)/pip install -q -e '.[all,dev]' --config-settings editable_mode=strict
 	echo '$(TORCH_SPEC)' > $(VENV)/.torch_spec
 	touch $@
+
+$(VENV)/.modules: FORCE
+	@mkdir -p $(VENV)
+	@find cache prep train lsdc -name '*.py' | sort > $@.new
+	@cmp -s $@.new $@ && rm $@.new || mv $@.new $@
 
 # A TORCH_SPEC given to make (command line or environment) that differs from the one installed reinstalls into
 # .venv; a plain `make` never swaps the torch build a user chose.

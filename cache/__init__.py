@@ -18,6 +18,8 @@ from cache.format import (
     MissingChunkError,
     checksum,
     config_hash,
+    crop_differences,
+    crop_settings,
 )
 from cache.grid import show
 from cache.reader import CacheReader, open, verify
@@ -25,6 +27,6 @@ from cache.writer import CacheWriter, build_lock
 
 __all__ = [
     "FORMAT_VERSION", "CacheConfigMismatch", "CacheError", "CacheFormatError", "CacheLocked", "CacheNotFinalised",
-    "ChecksumError", "MissingChunkError", "checksum", "config_hash", "CacheReader", "open", "verify",
+    "ChecksumError", "MissingChunkError", "checksum", "config_hash", "crop_differences", "crop_settings", "CacheReader", "open", "verify",
     "CacheWriter", "build_lock", "show",
 ]

@@ -160,6 +160,24 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# The build settings that decide what a sample's pixels are. Caches that agree on these hold comparable crops whatever
+# split, studies, conditions or codec each was built from, so a model trained on one can read the other.
+CROP_SETTINGS = ("slices", "size", "crop_scale", "crop_base_mm", "windows", "clahe_clip", "clahe_tiles",
+                 "percentile_stride")
+
+
+def crop_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The CROP_SETTINGS of a cache's build config (those it records; {} for a cache without a config)."""
+    config = manifest.get("config") or {}
+    return {k: config[k] for k in CROP_SETTINGS if k in config}
+
+
+def crop_differences(trained: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """'size 64 != 96'-style lines for the crop settings both record and that differ."""
+    return [f"{k} {trained[k]} != {given[k]}" for k in CROP_SETTINGS
+            if k in trained and k in given and json.loads(json.dumps(trained[k])) != json.loads(json.dumps(given[k]))]
+
+
 def safe_key(key: str) -> str:
     """A task key as a file name: readable part + short hash, so 'a/b' and 'a_b' never collide."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:80]

@@ -27,3 +27,17 @@ def test_help_imports_no_heavy_stack():
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                        check=True).stdout)
     assert loaded == []
+
+
+def test_a_folder_named_like_a_package_does_not_shadow_it(tmp_path):
+    """A user's `cache/` (a crop cache), `prep/` or `train/` folder in the working directory must not be imported
+    in place of lsdc's packages, by `python -c`, a notebook or `python -m lsdc` (torchrun's form). This checks the
+    install `make` does (a strict editable install, README)."""
+    for name in ("cache", "prep", "train"):
+        (tmp_path / name).mkdir()
+    code = "import cache, prep, train; print(hasattr(cache, 'open'), hasattr(prep, 'build') or prep.__file__ is not None)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.split() == ["True", "True"], res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "lsdc", "cache", "info", "cache"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]

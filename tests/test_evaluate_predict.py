@@ -353,6 +353,15 @@ def test_synth_prep_train_predict_score(tmp_path):
     saved = json.loads((run / "score.json").read_text())
     assert saved["score"]["missing_parts"] == ["subarticular"] and (run / "temperature.json").exists()
 
+    # a test cache of other crops (48 px) is refused, naming what differs; a train-split cache is only warned about
+    r = runner.invoke(app, [*prep, str(data), str(tmp_path / "test48"), "--split", "test", "--size", "48",
+                            "--coords", str(tmp_path / "coords.csv")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["predict", str(run), "--cache", str(tmp_path / "test48"), "--out", str(tmp_path / "x.csv"),
+                            "--device", "cpu"])
+    assert r.exit_code == 2 and "size 32 != 48" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.csv").exists()
+
     out = tmp_path / "sub" / "submission.csv"
     r = runner.invoke(app, ["predict", str(run), "--cache", str(tmp_path / "test_cache"), "--out", str(out),
                             "--sample-submission", str(data / "sample_submission.csv"), "--device", "cpu",
@@ -394,3 +403,22 @@ def test_split_studies_lists_every_study_of_the_split_even_without_coordinates(t
     assert split_studies(manifest) == {7, 9}
     assert split_studies({"prep": {"data_dir": str(tmp_path / "gone")}, "config": {"split": "test"}}) == set()
     assert split_studies({}) == set()
+
+
+def test_check_crops_refuses_other_crops_and_warns_on_a_train_split(caplog):
+    from types import SimpleNamespace
+
+    from train.predict import check_crops
+
+    trained = {"size": 256, "slices": 7, "crop_scale": 1.0, "crop_base_mm": 25.0,
+               "windows": [{"name": "soft", "lo": 50.0, "hi": 99.5}]}
+    test = SimpleNamespace(path="t", manifest={"config": {**trained, "split": "test", "conditions": ["x"]}})
+    check_crops([Path("a.pt")], [{"_crop_settings": trained}], test)  # split and conditions may differ
+    check_crops([Path("a.pt")], [{"_crop_settings": {}}], test)  # a checkpoint that records nothing: not checked
+    other = SimpleNamespace(path="t", manifest={"config": {**trained, "crop_base_mm": 85.0, "split": "test"}})
+    with pytest.raises(ValueError, match=r"a.pt was trained on crops .*crop_base_mm 25.0 != 85.0"):
+        check_crops([Path("a.pt")], [{"_crop_settings": trained}], other)
+    train = SimpleNamespace(path="t", manifest={"config": {**trained, "split": "train"}})
+    with caplog.at_level("WARNING"):
+        check_crops([Path("a.pt")], [{"_crop_settings": trained}], train)
+    assert "train split" in caplog.text

@@ -70,6 +70,7 @@ def test_two_epochs_loss_falls_and_run_directory(tiny, tmp_path):
     for condition, mix in stored.items():
         labels = index.loc[train_rows & (index["condition"] == condition), "label"].astype(int)
         assert mix == pytest.approx(((np.bincount(labels, minlength=3) + 1) / (len(labels) + 3)).tolist())
+    assert torch.load(run / "fold0" / "best.pt", weights_only=True)["crop_settings"] == {"size": 32, "slices": 3}
     priors, source = condition_priors([run / "fold0" / "best.pt"], [checkpoint_config(run / "fold0" / "best.pt")])
     assert all(source[c].endswith("best.pt: class_prior") for c in stored)
     oof = pd.read_parquet(run / "oof.parquet")

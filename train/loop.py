@@ -114,14 +114,14 @@ def validate(model: LSDCModel, loader, val_index: pd.DataFrame, cfg: TrainConfig
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, raw: LSDCModel, opt, sched, scaler, average: WeightAverage | None, gen, epoch: int,
-                    cfg: TrainConfig, fold: int, state: dict, eval_with: str,
-                    class_prior: dict[str, list[float]] | None = None) -> None:
-    """class_prior: the fold's training label mix per condition; predict fills rows the model cannot answer with
-    the metric-optimal value for it (train/predict.py)."""
+                    cfg: TrainConfig, fold: int, state: dict, eval_with: str, meta: dict | None = None) -> None:
+    """meta: what predict needs besides the weights, plain types only: `class_prior`, the fold's training label mix
+    per condition (rows the model cannot answer get the metric-optimal value for it), and `crop_settings`, the
+    training cache's crop settings (a test cache must match them; cache.crop_settings)."""
     ckpt = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "ema": average.state_dict() if average is not None else None,
             "rng": rng_state(gen), "epoch": epoch, "config": cfg.to_dict(), "fold": fold, "state": state,
-            "eval_with": eval_with, "class_prior": class_prior}
+            "eval_with": eval_with, **(meta or {})}
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # a kill mid-save leaves the previous checkpoint intact
 
 
@@ -167,7 +167,8 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
     seed_everything(cfg.seed)
     counts = np.bincount(train_ds.label, minlength=3)
     raw = build_model(cfg, torch.tensor(counts / counts.sum())).to(rt.device)
-    class_prior = training_mix(train_ds, cfg.conditions)
+    meta = {"class_prior": training_mix(train_ds, cfg.conditions),
+            "crop_settings": cache.crop_settings(getattr(reader, "manifest", {}) or {})}
     steps_per_epoch = len(train_loader)
     opt, sched = make_optimizer(raw, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
@@ -213,7 +214,7 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
             # best before last: a kill between the two resumes from the older last.pt and redoes this epoch
             for name in (["best.pt"] if record["best"] else []) + ["last.pt"]:
                 save_checkpoint(fold_dir / name, raw, opt, sched, scaler, average, gen, epoch, cfg, fold,
-                                {**state, "stopped": stop}, eval_with, class_prior)
+                                {**state, "stopped": stop}, eval_with, meta)
             _summary_line(record, cfg)
             if stop:
                 print(f"fold {fold}: stopping after epoch {epoch}: {reason}")

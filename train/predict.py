@@ -71,7 +71,26 @@ def checkpoint_config(path: Path) -> dict[str, Any]:
     bad = sorted(set(cfg["conditions"]) - set(CONDITIONS))
     if bad:
         raise ValueError(f"{path}: checkpoint trained on unknown conditions {bad}")
-    return {**cfg, "_class_prior": ckpt.get("class_prior", cfg.get("extra", {}).get("class_prior"))}
+    return {**cfg, "_class_prior": ckpt.get("class_prior", cfg.get("extra", {}).get("class_prior")),
+            "_crop_settings": ckpt.get("crop_settings") or {}}
+
+
+def check_crops(checkpoints: list[Path], configs: list[dict[str, Any]], reader: Any) -> None:
+    """Refuse a cache whose crops were made with other settings than a model's training cache (a model trained on
+    50 mm boxes reads 340 mm ones without an error, and predicts nonsense). Checkpoints that do not record their
+    training cache's settings (other tools, older lsdc) are not checked."""
+    import cache
+
+    given = cache.crop_settings(reader.manifest)
+    for path, cfg in zip(checkpoints, configs):
+        diff = cache.crop_differences(cfg.get("_crop_settings") or {}, given)
+        if diff:
+            raise ValueError(f"{path} was trained on crops made with other settings than {reader.path}: "
+                             f"{'; '.join(diff)} (trained != this cache). Build the cache with the training "
+                             "cache's settings (`lsdc cache info` shows them)")
+    if reader.manifest.get("config", {}).get("split") == "train":
+        log.warning("%s was built from the train split: predicting on training studies (for a submission, build "
+                    "the test split: lsdc prep --split test --coords ...)", reader.path)
 
 
 # ------------------------------------------------------------------------------------------------ priors
@@ -237,6 +256,7 @@ def predict(checkpoints: list[str | os.PathLike], cache_path: str | os.PathLike,
     paths = resolve_checkpoints(checkpoints)
     configs = [checkpoint_config(p) for p in paths]
     reader = cache.open(cache_path)
+    check_crops(paths, configs, reader)
     errors = reader.errors
     studies = {int(s) for s in reader.index["study_id"]}
     if "study_id" in errors.columns:  # a study whose every crop failed is still a study of the test set
