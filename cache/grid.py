@@ -37,7 +37,11 @@ def show(source: CacheReader | str, i: int = 0, *, study_id: int | None = None, 
     if (study_id, condition, level) != (None, None, None):
         reader = reader.select(study_id=study_id, condition=condition, level=level)
         if not 0 <= i < len(reader):
-            raise IndexError(f"{len(reader)} samples match study {study_id}, {condition!r}, {level!r}; no match {i}")
+            what = ", ".join(f"{k}={v!r}" for k, v in (("study_id", study_id), ("condition", condition),
+                                                         ("level", level)) if v is not None)
+            raise IndexError(f"no sample {i} among the {len(reader)} that match {what}" if len(reader) else
+                             f"no sample matches {what} in this cache (no coordinate there, or it failed: "
+                             "see .errors)")
     return draw(reader, i, windows, scale)
 
 

@@ -27,7 +27,7 @@ from zarr.storage import LocalStore
 from cache import format as fmt
 from cache.chunks import aligned_empty, chunk_path, plain_layout, read_chunk_into
 from cache.format import CacheError, CacheNotFinalised, ChecksumError, MissingChunkError
-from cache.rsna import LABELS
+from cache.rsna import LABELS, expand_conditions, parse_level
 
 __all__ = ["open", "CacheReader", "verify"]
 
@@ -37,7 +37,11 @@ def _store_of(path: str) -> tuple[Any, str]:
     try:
         group = zarr.open_group(path, mode="r")
     except (FileNotFoundError, zarr.errors.BaseZarrError) as e:
-        raise CacheError(f"no cache at {path}: {type(e).__name__}: {e}") from e
+        local = "://" not in str(path)
+        why = ("the folder does not exist" if local and not os.path.exists(path) else
+               "it holds no zarr.json, so it is not a crop cache (lsdc prep makes one)" if local else
+               f"{type(e).__name__}: {e}")
+        raise CacheError(f"no cache at {path}: {why}") from e
     prefix = group.store_path.path
     return group.store, f"{prefix}/" if prefix else ""
 
@@ -199,7 +203,15 @@ class CacheReader:
                level: str | Iterable[str] | None = None, label: int | Iterable[int] | None = None,
                series_description: str | Iterable[str] | None = None,
                series_id: int | Iterable[int] | None = None) -> CacheReader:
-        """A view over the samples matching every given filter (a value or a list of values)."""
+        """A view over the samples matching every given filter (a value or a list of values).
+
+        Conditions and levels are read as everywhere in lsdc: 'spinal_canal_stenosis', a group ('foraminal') or
+        'all'; 'l4_l5' or 'L4-L5'. An unknown one raises (a typo must not look like an empty selection).
+        """
+        if condition is not None:
+            condition = list(expand_conditions(condition))
+        if level is not None:
+            level = [parse_level(lv) for lv in ([level] if isinstance(level, str) else level)]
         mask = np.ones(len(self.index), bool)
         for col, want in (("study_id", study_id), ("condition", condition), ("level", level), ("label", label),
                           ("series_description", series_description), ("series_id", series_id)):

@@ -88,6 +88,25 @@ def parse_condition(text: str) -> str:
     return found
 
 
+def expand_conditions(parts) -> tuple[str, ...]:
+    """Conditions from names, slugs, groups ('spinal', 'foraminal', 'subarticular') or 'all', in the order given (a
+    group in competition order): ['foraminal'] -> ('Left Neural Foraminal Narrowing', 'Right ...'). A string may
+    list several, comma-separated. Raises on an unknown part, naming what is accepted."""
+    if isinstance(parts, str):
+        parts = parts.split(",")
+    out: list[str] = []
+    for part in (str(p).strip() for p in parts):
+        if not part:
+            continue
+        key = slug(part)
+        found = [c for c in CONDITIONS if key in (slug(c), CONDITION_GROUP[c], "all")]
+        if not found:
+            raise ValueError(f"unknown condition {part!r}; expected a name or snake_case name of {list(CONDITIONS)}, "
+                             f"a group ({', '.join(sorted(set(CONDITION_GROUP.values())))}) or 'all'")
+        out += found
+    return tuple(out)
+
+
 def parse_level(text: str) -> str:
     """A level from 'L4/L5', 'l4_l5' or 'L4-L5': -> 'L4/L5'."""
     found = {slug(lv): lv for lv in LEVELS}.get(slug(text.strip().replace("-", "/")))

@@ -118,16 +118,12 @@ class PrepConfig:
 
 
 def parse_conditions(text: str) -> tuple[str, ...]:
-    """'spinal_canal_stenosis,Left Neural Foraminal Narrowing' or a group ('spinal', 'foraminal', 'subarticular')."""
-    from cache.rsna import CONDITION_GROUP, slug
+    """'spinal_canal_stenosis,Left Neural Foraminal Narrowing', a group ('spinal', 'foraminal', 'subarticular') or
+    'all' (cache.rsna.expand_conditions), in competition order whatever order the user typed."""
+    from cache.rsna import expand_conditions
 
-    out: list[str] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        matches = [c for c in CONDITIONS if part in (c, slug(c), CONDITION_GROUP[c])]
-        if not matches:
-            raise ValueError(f"unknown condition {part!r}; use a name, its slug or a group of {CONDITIONS}")
-        out += [c for c in matches if c not in out]
-    return tuple(c for c in CONDITIONS if c in out)  # competition order, whatever order the user typed
+    given = expand_conditions(text)
+    return tuple(c for c in CONDITIONS if c in given)
 
 
 def parse_windows(text: str) -> tuple[Window, ...]:

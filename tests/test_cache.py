@@ -91,8 +91,19 @@ def test_package_level_show_selects_by_ids(built: Path) -> None:
     rec = c.index.iloc[2]
     fig = cache.show(built, study_id=int(rec.study_id), condition=rec.condition, level=rec.level)
     assert np.array_equal(fig.axes[h.SLICES + 1].images[0].get_array(), h.stack(2)[1, 1])
-    with pytest.raises(IndexError, match="samples match"):
+    with pytest.raises(IndexError, match="no sample 5 among the 1 that match study_id="):
         cache.show(c, 5, study_id=int(rec.study_id), condition=rec.condition, level=rec.level)
+    # names as the CLI takes them: snake_case and 'L3-L4'; a typo is an error, not an empty selection
+    fig = cache.show(c, study_id=int(rec.study_id), condition=rec.condition.lower().replace(" ", "_"),
+                     level=rec.level.replace("/", "-"))
+    assert np.array_equal(fig.axes[h.SLICES + 1].images[0].get_array(), h.stack(2)[1, 1])
+    with pytest.raises(ValueError, match="unknown condition 'Spinal Canal Stenoss'"):
+        c.select(condition="Spinal Canal Stenoss")
+    with pytest.raises(ValueError, match="unknown level"):
+        c.select(level="L6/S1")
+    assert len(c.select(condition="foraminal")) == len(c.index[c.index.condition.str.contains("Foraminal")])
+    with pytest.raises(IndexError, match="no sample matches study_id=4242"):
+        cache.show(c, study_id=4242)
 
 
 def test_all_zero_sample_is_stored(tmp_path: Path) -> None:
@@ -199,8 +210,11 @@ def test_unfinalised_cache_refused(tmp_path: Path) -> None:
     h.build(tmp_path / "c", n=4, finalise=False)
     with pytest.raises(cache.CacheNotFinalised, match="was not finalised.*rerun `lsdc prep`"):
         cache.open(tmp_path / "c")
-    with pytest.raises(cache.CacheError, match="no cache at"):
+    with pytest.raises(cache.CacheError, match="no cache at .*nothing: the folder does not exist"):
         cache.open(tmp_path / "nothing")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(cache.CacheError, match="no cache at .*data: it holds no zarr.json, so it is not a crop cache"):
+        cache.open(tmp_path / "data")
 
 
 def test_unknown_format_version_refused(built: Path) -> None:

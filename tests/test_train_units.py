@@ -287,3 +287,27 @@ def test_best_checkpoint_rules_and_early_stop(tmp_path):
     assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0)  # linear warm-up over 2 epochs
     assert f[20] == pytest.approx(1.0) and f[79] < 0.01 and all(a >= b for a, b in zip(f[20:80], f[21:80]))
     assert f[80] == pytest.approx(0.05) and f[99] == pytest.approx(0.05)  # SWA: constant 5e-6 / 1e-4
+
+
+def test_conditions_are_named_as_everywhere_in_lsdc():
+    assert TrainConfig(conditions=("foraminal",)).conditions == ("Left Neural Foraminal Narrowing",
+                                                                 "Right Neural Foraminal Narrowing")
+    assert len(TrainConfig().with_overrides(["conditions=all"]).conditions) == 5
+    mixed = TrainConfig().with_overrides(["conditions=left_subarticular_stenosis,Spinal Canal Stenosis"]).conditions
+    assert mixed == ("Left Subarticular Stenosis", "Spinal Canal Stenosis")  # the order given: the embedding's order
+    with pytest.raises(ValueError, match="unknown condition 'spinl'.*a group"):
+        TrainConfig().with_overrides(["conditions=spinl"])
+    with pytest.raises(ValueError, match="without repeats"):
+        TrainConfig(conditions=("foraminal", "Left Neural Foraminal Narrowing"))
+
+
+def test_training_on_a_cache_without_labels_says_what_to_build():
+    from types import SimpleNamespace
+
+    from train.loop import resolve_config
+
+    index = pd.DataFrame({"row": [0, 1], "condition": "Spinal Canal Stenosis", "level": ["L1/L2", "L2/L3"],
+                          "label": pd.array([None, None], dtype="Int8")})
+    reader = SimpleNamespace(index=index, manifest={"config": {"split": "test"}})
+    with pytest.raises(ValueError, match=r"no labelled samples .* test split\): train needs a cache of the train"):
+        resolve_config(TrainConfig(), reader)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.rsna import CONDITION_SERIES, CONDITION_SIDE, CONDITIONS
+from cache.rsna import CONDITION_SERIES, CONDITION_SIDE, expand_conditions
 
 AGGREGATORS = ("weighted", "attention", "bigru")
 BEST_RULES = ("v8", "score")
@@ -87,14 +87,12 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
     def __post_init__(self) -> None:
-        self.conditions = tuple(self.conditions)
+        # names, snake_case names, groups or 'all', as everywhere in lsdc; the order given is the embedding's order
+        self.conditions = expand_conditions(self.conditions)
         self.class_weights = tuple(float(w) for w in self.class_weights)  # type: ignore[assignment]
         self.validate()
 
     def validate(self) -> None:
-        for c in self.conditions:
-            if c not in CONDITIONS:
-                raise ValueError(f"unknown condition {c!r}; expected some of {CONDITIONS}")
         if not self.conditions or len(set(self.conditions)) != len(self.conditions):
             raise ValueError(f"conditions must be a non-empty list without repeats, got {self.conditions}")
         if len({CONDITION_SERIES[c] for c in self.conditions}) > 1 and self.hflip:

@@ -185,6 +185,7 @@ def train_fold(fold: int, reader, index: pd.DataFrame, sample_fold: np.ndarray, 
     if resume and rt.master:  # also with no last.pt: a kill in epoch 0 may have logged that epoch already
         _truncate_metrics(run_dir / "metrics.jsonl", fold, start)
     if rt.master:
+        print(f"fold {fold}: {', '.join(cfg.conditions)}")
         print(f"fold {fold}: {len(train_ds)} train / {len(val_ds)} val samples, class counts {counts.tolist()}, "
               f"{steps_per_epoch} steps per epoch, device {rt.device} x{rt.world_size}, amp {rt.amp_dtype}")
 
@@ -290,7 +291,13 @@ def resolve_config(cfg: TrainConfig, reader) -> TrainConfig:
     missing = sorted(set(cfg.conditions) - set(index["condition"]))
     if missing:
         raise ValueError(f"the cache has no samples of {missing}; it holds {sorted(set(index['condition']))}")
-    first = int(select_samples(index, cfg.conditions)[0])
+    labelled = select_samples(index, cfg.conditions)
+    if not len(labelled):
+        split = (getattr(reader, "manifest", {}) or {}).get("config", {}).get("split")
+        raise ValueError(f"the cache has no labelled samples of {list(cfg.conditions)}"
+                         + (" (it was built from the test split)" if split == "test" else "")
+                         + ": train needs a cache of the train split (lsdc prep without --split test)")
+    first = int(labelled[0])
     s, c, h, w = reader[first].shape
     if cfg.slices is not None and cfg.slices != s:
         raise ValueError(f"config asks for {cfg.slices} slices but the cache stores {s}")
