@@ -311,3 +311,10 @@ def test_training_on_a_cache_without_labels_says_what_to_build():
     reader = SimpleNamespace(index=index, manifest={"config": {"split": "test"}})
     with pytest.raises(ValueError, match=r"no labelled samples .* test split\): train needs a cache of the train"):
         resolve_config(TrainConfig(), reader)
+
+
+def test_an_unknown_backbone_names_close_ones():
+    from train.model import create_backbone
+
+    with pytest.raises(ValueError, match=r"timm has no model 'efficientnet_b99'; close names: .*efficientnet_b"):
+        create_backbone("efficientnet_b99", pretrained=True)

@@ -20,6 +20,12 @@ from train.config import TrainConfig
 
 def create_backbone(name: str, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """A timm model returning pooled features. `weights`: a local .safetensors/.pth; else timm's hub if pretrained."""
+    if ":" not in name and not timm.is_model(name):  # hf-hub:... and local-dir:... names are for timm to resolve
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ValueError(f"timm has no model {name!r}" + (f"; close names: {', '.join(close)}" if close else "")
+                         + " (timm.list_models('*pattern*') lists them)")
     if weights is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"backbone weights file not found: {weights}")
