@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 # A strict editable install: each module is a link under build/, on sys.path. setuptools' default (lenient) editable
 # finder runs after the current directory is searched, so in a folder holding its own `cache/` (a crop cache, say)
 # `import cache` would find that folder instead. Strict links only the modules present at install time, so adding or
-# removing one reinstalls (the module list below).
+# removing one reinstalls (the module list below), as does a deleted build/ (its links are the install).
 $(VENV)/.installed: pyproject.toml $(VENV)/.modules
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.modules
 
 $(VENV)/.modules: FORCE
 	@mkdir -p $(VENV)
-	@find cache prep train lsdc -name '*.py' | sort > $@.new
+	@{ find cache prep train lsdc -name '*.py' | sort; ls -d build/__editable__.* 2>/dev/null; } > $@.new
 	@cmp -s $@.new $@ && rm $@.new || mv $@.new $@
 
 # A TORCH_SPEC given to make (command line or environment) that differs from the one installed reinstalls into

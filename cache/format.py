@@ -160,15 +160,19 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-# The build settings that decide what a sample's pixels are. Caches that agree on these hold comparable crops whatever
-# split, studies, conditions or codec each was built from, so a model trained on one can read the other.
-CROP_SETTINGS = ("slices", "size", "crop_scale", "crop_base_mm", "windows", "clahe_clip", "clahe_tiles",
-                 "percentile_stride")
+# What decides a sample's pixels, from a cache's build config. Caches that agree on these hold comparable crops whatever
+# split, studies, conditions or codec each was built from, so a model trained on one can read the other. The box is
+# its half side in mm (crop_scale x crop_base_mm), a window its percentiles (not its name).
+CROP_SETTINGS = ("slices", "size", "half_size_mm", "windows", "clahe_clip", "clahe_tiles", "percentile_stride")
 
 
 def crop_settings(manifest: dict[str, Any]) -> dict[str, Any]:
     """The CROP_SETTINGS of a cache's build config (those it records; {} for a cache without a config)."""
-    config = manifest.get("config") or {}
+    config = dict(manifest.get("config") or {})
+    if "crop_scale" in config and "crop_base_mm" in config:
+        config["half_size_mm"] = round(float(config["crop_scale"]) * float(config["crop_base_mm"]), 6)
+    if isinstance(config.get("windows"), list):
+        config["windows"] = [[w.get("lo"), w.get("hi")] if isinstance(w, dict) else w for w in config["windows"]]
     return {k: config[k] for k in CROP_SETTINGS if k in config}
 
 

@@ -39,8 +39,8 @@ def _store_of(path: str) -> tuple[Any, str]:
     except (FileNotFoundError, zarr.errors.BaseZarrError) as e:
         local = "://" not in str(path)
         why = ("the folder does not exist" if local and not os.path.exists(path) else
-               "it holds no zarr.json, so it is not a crop cache (lsdc prep makes one)" if local else
-               f"{type(e).__name__}: {e}")
+               "it holds no zarr.json, so it is not a crop cache (lsdc prep makes one)"
+               if local and not os.path.isfile(os.path.join(path, "zarr.json")) else f"{type(e).__name__}: {e}")
         raise CacheError(f"no cache at {path}: {why}") from e
     prefix = group.store_path.path
     return group.store, f"{prefix}/" if prefix else ""

@@ -94,6 +94,7 @@ def expand_conditions(parts) -> tuple[str, ...]:
     list several, comma-separated. Raises on an unknown part, naming what is accepted."""
     if isinstance(parts, str):
         parts = parts.split(",")
+    parts = list(parts)
     out: list[str] = []
     for part in (str(p).strip() for p in parts):
         if not part:
@@ -104,6 +105,8 @@ def expand_conditions(parts) -> tuple[str, ...]:
             raise ValueError(f"unknown condition {part!r}; expected a name or snake_case name of {list(CONDITIONS)}, "
                              f"a group ({', '.join(sorted(set(CONDITION_GROUP.values())))}) or 'all'")
         out += found
+    if parts and not out:
+        raise ValueError(f"no condition named in {parts!r}")
     return tuple(out)
 
 

@@ -312,3 +312,8 @@ def test_import_cache_stays_light() -> None:
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_select_refuses_an_empty_condition(built: Path) -> None:
+    with pytest.raises(ValueError, match="no condition named"):
+        cache.open(built).select(condition="")

@@ -408,17 +408,25 @@ def test_split_studies_lists_every_study_of_the_split_even_without_coordinates(t
 def test_check_crops_refuses_other_crops_and_warns_on_a_train_split(caplog):
     from types import SimpleNamespace
 
+    import cache
     from train.predict import check_crops
 
-    trained = {"size": 256, "slices": 7, "crop_scale": 1.0, "crop_base_mm": 25.0,
-               "windows": [{"name": "soft", "lo": 50.0, "hi": 99.5}]}
-    test = SimpleNamespace(path="t", manifest={"config": {**trained, "split": "test", "conditions": ["x"]}})
-    check_crops([Path("a.pt")], [{"_crop_settings": trained}], test)  # split and conditions may differ
-    check_crops([Path("a.pt")], [{"_crop_settings": {}}], test)  # a checkpoint that records nothing: not checked
-    other = SimpleNamespace(path="t", manifest={"config": {**trained, "crop_base_mm": 85.0, "split": "test"}})
-    with pytest.raises(ValueError, match=r"a.pt was trained on crops .*crop_base_mm 25.0 != 85.0"):
-        check_crops([Path("a.pt")], [{"_crop_settings": trained}], other)
-    train = SimpleNamespace(path="t", manifest={"config": {**trained, "split": "train"}})
+    built = {"size": 256, "slices": 7, "crop_scale": 0.75, "crop_base_mm": 170.0, "codec": "crc32c",
+             "windows": [{"name": "soft", "lo": 50.0, "hi": 99.5}]}
+    trained = [{"_crop_settings": cache.crop_settings({"config": built})}]  # what the checkpoint records
+    assert trained[0]["_crop_settings"]["half_size_mm"] == 127.5
+
+    def of(**config):
+        return SimpleNamespace(path="t", manifest={"config": {**built, **config}})
+
+    # split, conditions, codec, window names and the way the box is spelled may differ: the pixels are the same
+    check_crops([Path("a.pt")], trained, of(split="test", conditions=["x"], codec="none", crop_scale=1.0,
+                                            crop_base_mm=127.5, windows=[{"name": "w1", "lo": 50, "hi": 99.5}]))
+    check_crops([Path("a.pt")], [{"_crop_settings": {}}], of(size=64))  # a checkpoint that records nothing
+    with pytest.raises(ValueError, match=r"a.pt was trained on crops .*half_size_mm 127.5 != 25.0"):
+        check_crops([Path("a.pt")], trained, of(crop_scale=1.0, crop_base_mm=25.0))
+    with pytest.raises(ValueError, match=r"windows \[\[50.0, 99.5\]\] != \[\[0.5, 99.5\]\]"):
+        check_crops([Path("a.pt")], trained, of(windows=[{"name": "soft", "lo": 0.5, "hi": 99.5}]))
     with caplog.at_level("WARNING"):
-        check_crops([Path("a.pt")], [{"_crop_settings": trained}], train)
+        check_crops([Path("a.pt")], trained, of(split="train"))
     assert "train split" in caplog.text

@@ -293,7 +293,7 @@ def resolve_config(cfg: TrainConfig, reader) -> TrainConfig:
         raise ValueError(f"the cache has no samples of {missing}; it holds {sorted(set(index['condition']))}")
     labelled = select_samples(index, cfg.conditions)
     if not len(labelled):
-        split = (getattr(reader, "manifest", {}) or {}).get("config", {}).get("split")
+        split = ((getattr(reader, "manifest", {}) or {}).get("config") or {}).get("split")
         raise ValueError(f"the cache has no labelled samples of {list(cfg.conditions)}"
                          + (" (it was built from the test split)" if split == "test" else "")
                          + ": train needs a cache of the train split (lsdc prep without --split test)")

@@ -88,7 +88,7 @@ def check_crops(checkpoints: list[Path], configs: list[dict[str, Any]], reader: 
             raise ValueError(f"{path} was trained on crops made with other settings than {reader.path}: "
                              f"{'; '.join(diff)} (trained != this cache). Build the cache with the training "
                              "cache's settings (`lsdc cache info` shows them)")
-    if reader.manifest.get("config", {}).get("split") == "train":
+    if (reader.manifest.get("config") or {}).get("split") == "train":
         log.warning("%s was built from the train split: predicting on training studies (for a submission, build "
                     "the test split: lsdc prep --split test --coords ...)", reader.path)
 
