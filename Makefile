@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.modules
 
 $(VENV)/.modules: FORCE
 	@mkdir -p $(VENV)
-	@{ find cache prep train lsdc -name '*.py' | sort; ls -d build/__editable__.* 2>/dev/null; } > $@.new
+	@{ find cache prep train lsdc -name '*.py' | sort; ls -d build/__editable__.* 2>/dev/null || true; } > $@.new
 	@cmp -s $@.new $@ && rm $@.new || mv $@.new $@
 
 # A TORCH_SPEC given to make (command line or environment) that differs from the one installed reinstalls into
