@@ -318,3 +318,12 @@ def test_an_unknown_backbone_names_close_ones():
 
     with pytest.raises(ValueError, match=r"timm has no model 'efficientnet_b99'; close names: .*efficientnet_b"):
         create_backbone("efficientnet_b99", pretrained=True)
+
+
+def test_folds_say_once_when_a_label_is_rarer_than_the_folds(caplog, recwarn):
+    idx = _index(8)
+    idx["label"] = pd.array([0] * (len(idx) - 2) + [2, 2], dtype="Int8")  # two Severe samples, five folds
+    with caplog.at_level("WARNING"):
+        make_folds(idx, 5, 42)
+    assert "labels [2] have fewer samples than the 5 folds (2: 2)" in caplog.text
+    assert not [w for w in recwarn if "least populated" in str(w.message)]  # not sklearn's own, with its source

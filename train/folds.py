@@ -3,6 +3,8 @@ validation score leaks), stratified by label, seeded. Stored with the run as fol
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from cache.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def make_folds(index: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
@@ -24,7 +28,16 @@ def make_folds(index: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.Data
     groups = studies[order]
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold_of: dict[int, int] = {}
-    for k, (_, val) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
+    with warnings.catch_warnings():
+        # sklearn warns, with its own source line, when a label has fewer samples than folds: say it once, plainly
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splits = list(splitter.split(np.zeros(len(y)), y, groups))
+    counts = {int(v): int(n) for v, n in zip(*np.unique(y, return_counts=True))}
+    rare = {v: n for v, n in counts.items() if n < n_folds and v >= 0}
+    if rare:
+        log.warning("labels %s have fewer samples than the %d folds (%s): some folds validate without them",
+                    sorted(rare), n_folds, ", ".join(f"{v}: {n}" for v, n in sorted(rare.items())))
+    for k, (_, val) in enumerate(splits):
         fold_of.update({int(s): k for s in np.unique(groups[val])})
     out = pd.DataFrame({"study_id": sorted(fold_of)}).astype({"study_id": "int64"})
     out["fold"] = out["study_id"].map(fold_of).astype("int64")

@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
         crop_scale: float = typer.Option(0.75, help="Half-side = crop-scale x crop-mm (seed: 0.75)."),
         crop_mm: float = typer.Option(170.0, help="Base half-side in mm (170: the seed's 192 px on a 0.66 mm scan)."),
         windows: Optional[str] = typer.Option(
-            None, help="Three NAME:LO:HI percentile windows, default 'soft:50:99.5,wide:0.5:99.5,full:0:100'."),
+            None, help="Three NAME:LO:HI percentile windows, comma-separated; default soft:50:99.5, "
+                       "wide:0.5:99.5, full:0:100."),
         clahe_clip: float = typer.Option(2.0, help="CLAHE clip limit per window channel (0 = off)."),
         clahe_tiles: int = typer.Option(8, help="CLAHE tiles per side."),
         codec: str = typer.Option("crc32c", help="Chunk codec: crc32c (raw + checksum), zstd-1, zstd-3, lz4, none."),
