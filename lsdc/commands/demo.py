@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole pipeline on built-in synthetic data; writes OUT/demo_report.md (a few minutes on 2 cores).
 
-        Rerunning with the same settings continues an interrupted demo (a finished one redoes only its report)."""
+        Rerunning with the same settings continues an interrupted demo; a finished one reuses its data, caches and
+        model and redoes evaluation, prediction and the report."""
         from lsdc.demo import DemoConfig, DemoSettingsDiffer, run_demo
 
         given = dict(studies=studies, epochs=epochs, seed=seed, backbone=backbone, workers=workers)
