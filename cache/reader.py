@@ -3,8 +3,8 @@
 Zarr returns the fill value for a chunk that is absent, so every read first checks that its chunk exists: a lost
 file raises MissingChunkError instead of giving a black sample. A corrupted chunk fails its CRC-32C (or zstd's frame
 checksum) and raises ChecksumError. Local caches with the plain codecs are read file by file (cache.chunks), straight
-into the caller's buffer, with the same checks. Comparing pixels with the index checksum costs ~1.5 ms per sample, so reads
-skip it unless `verify_checksums=True`; `verify()` / `lsdc cache verify` check every row.
+into the caller's buffer, with the same checks. Comparing pixels with the index checksum costs ~1.5 ms per sample, so
+reads skip it unless `verify_checksums=True`; `verify()` / `lsdc cache verify` check every row.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class Window:
 #           contrast is spent on discs, canal/CSF, nerve roots and fat, which is where stenosis is seen;
 #   wide  - a robust min-max: everything but the extreme 0.5 % tails, so bright fat/flow artefacts don't squash it;
 #   full  - the complete range of the stack, the closest thing MRI has to "the original image".
-DEFAULT_WINDOWS: tuple[Window, ...] = (Window("soft", 50.0, 99.5), Window("wide", 0.5, 99.5), Window("full", 0.0, 100.0))
+DEFAULT_WINDOWS: tuple[Window, ...] = (Window("soft", 50.0, 99.5), Window("wide", 0.5, 99.5),
+                                       Window("full", 0.0, 100.0))
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ def test_prep_bench_counts_and_identical_crops(prep_result):
     # the judged figures come from each phase's fastest repeat
     fastest = lambda phase, key: min(run[phase][key] if phase != "build" else run["build"]["1"][key]  # noqa: E731
                                      for run in result["runs"])
-    assert result["best"]["build_over_v8_epoch"] == pytest.approx(fastest("build", "total_s") / fastest("v8", "epoch_s"))
+    assert result["best"]["build_over_v8_epoch"] == pytest.approx(
+        fastest("build", "total_s") / fastest("v8", "epoch_s"))
     assert result["targets"]["build_over_plain"]["value"] == pytest.approx(
         fastest("build", "total_s") / fastest("plain", "seconds"))
     assert result["crops"]["identical"] and result["crops"]["rows_compared"] == 15

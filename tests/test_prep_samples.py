@@ -21,8 +21,10 @@ def _tables(tmp: Path, coords: list[str], labels: dict[int, dict[str, str]] | No
     labels = labels if labels is not None else {10: {}, 20: {}}
     rows = [{"study_id": s, **{c: cells.get(c, "") for c in LABEL_COLUMNS}} for s, cells in labels.items()]
     pd.DataFrame(rows, columns=["study_id", *LABEL_COLUMNS]).to_csv(tmp / "train.csv", index=False)
-    series = series if series is not None else ["10,100,Sagittal T2/STIR", "10,101,Sagittal T1", "20,200,Sagittal T2/STIR"]
-    (tmp / "train_series_descriptions.csv").write_text("study_id,series_id,series_description\n" + "\n".join(series) + "\n")
+    if series is None:
+        series = ["10,100,Sagittal T2/STIR", "10,101,Sagittal T1", "20,200,Sagittal T2/STIR"]
+    (tmp / "train_series_descriptions.csv").write_text(
+        "study_id,series_id,series_description\n" + "\n".join(series) + "\n")
     (tmp / "train_label_coordinates.csv").write_text(COORD_HEADER + "\n" + "\n".join(coords) + "\n")
     return tmp
 

@@ -31,7 +31,8 @@ def machine_info() -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     from datetime import datetime, timezone
 
-    info: dict[str, Any] = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model(), "cores": cores, "ram_gb": round(total_memory_gb(), 1),
+    info: dict[str, Any] = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model(),
+                            "cores": cores, "ram_gb": round(total_memory_gb(), 1),
                             "load_avg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
                             "platform": platform.platform(terse=True)}
     if "torch" in sys.modules:  # only when the bench already needed torch: prep's bench stays torch-free

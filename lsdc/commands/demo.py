@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
         studies: Optional[int] = typer.Option(None, "--studies", help="Synthetic training studies (default 80)."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 30)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the synthetic data (default 0)."),
-        backbone: Optional[str] = typer.Option(None, "--backbone",
-                                               help="timm model, trained from scratch (default mobilenetv3_small_050)."),
+        backbone: Optional[str] = typer.Option(
+            None, "--backbone", help="timm model, trained from scratch (default mobilenetv3_small_050)."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Processes for synth and prep (default 2)."),
     ) -> None:
         """Run the whole pipeline on built-in synthetic data; writes OUT/demo_report.md (a few minutes on 2 cores).

@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
                                                 help="Reuse the first N studies of real competition tables."),
         faults: bool = typer.Option(False, "--faults", help="Add fault studies and faults.json."),
         workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes rendering studies in parallel."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a synthetic dataset made with other options."),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="Replace a synthetic dataset made with other options."),
     ) -> None:
         """Write a synthetic dataset in the RSNA 2024 lumbar spine layout: CSVs + DICOM series from 3D phantoms."""
         from lsdc.commands.errors import user_errors

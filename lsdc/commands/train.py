@@ -41,8 +41,9 @@ def register(app: typer.Typer) -> None:
             given += ["OUT"] * (out is not None) + ["--config"] * (config is not None) + ["--set"] * bool(set_)
             given += ["--fold"] * (fold is not None)
             if given:
-                raise typer.BadParameter(f"--resume continues a run exactly with its own config.json, so {', '.join(given)}"
-                                         " cannot change it: give only CACHE (optional) with --resume")
+                raise typer.BadParameter("--resume continues a run exactly with its own config.json, so "
+                                         f"{', '.join(given)} cannot change it: give only CACHE (optional) with "
+                                         "--resume")
             with user_errors("train"):
                 fit(cache, resume, resume=True)
             return
