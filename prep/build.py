@@ -27,7 +27,7 @@ import cache
 from cache.io import progress_enabled
 from cache.format import INDEX_COLUMNS
 from prep.config import PrepConfig
-from prep.samples import errors_frame, read_samples
+from prep.samples import errors_frame, read_samples, split_studies
 from prep.series import Record, process_series
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,8 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
         finalised = stop_after is None
         if finalised:
             _test_pause("finalise", out)
-            writer.finalise(index, errors, extra_manifest={"prep": _prep_info(data_dir, samples, index, tasks)})
+            writer.finalise(index, errors,
+                            extra_manifest={"prep": _prep_info(data_dir, config.split, samples, index, tasks)})
     return BuildResult(out, len(samples), len(index), errors, len(tasks), len(done), time.perf_counter() - start,
                        finalised)
 
@@ -272,9 +273,12 @@ def _test_pause(phase: str, out: Path) -> None:
     time.sleep(3600)
 
 
-def _prep_info(data_dir: Path, samples: pd.DataFrame, index: pd.DataFrame, tasks: list) -> dict[str, Any]:
-    """What a user auditing the cache wants beside the config: where it came from and how often we fell back."""
-    info: dict[str, Any] = {"data_dir": str(data_dir.resolve()), "candidates": len(samples), "tasks": len(tasks)}
+def _prep_info(data_dir: Path, split: str, samples: pd.DataFrame, index: pd.DataFrame, tasks: list
+               ) -> dict[str, Any]:
+    """What a user auditing the cache wants beside the config: where it came from and how often we fell back; and
+    the split's studies, so predict knows the test set after the data folder is gone."""
+    info: dict[str, Any] = {"data_dir": str(data_dir.resolve()), "candidates": len(samples), "tasks": len(tasks),
+                            "split_studies": split_studies(data_dir, split)}
     if len(index):
         info["ordering_by_instance_number"] = int((index["ordering"] == "instance_number").sum())
         info["samples_with_replicated_slices"] = int(index["replicated"].map(any).sum())

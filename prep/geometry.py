@@ -17,6 +17,9 @@ from prep.dicom import SliceHeader
 ORIENTATION_TOLERANCE = float(np.cos(np.deg2rad(1.0)))
 # A neighbour whose grid is off the labelled one by less than this (pixels) is used as is, without resampling.
 GRID_TOLERANCE_PX = 0.05
+# Parallel blocks of one tilt (e.g. an L3/L4 and an L5/S1 block) are apart by more than this many times the median
+# slice spacing; a single missing slice (2x) keeps its block whole.
+GAP_FACTOR = 2.5
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,32 @@ def order_slices(group: list[SliceHeader]) -> tuple[list[SliceHeader], list[floa
     return ordered, [pos[id(h)] for h in ordered], "position"
 
 
+def block_of(positions: list[float], k: int) -> tuple[int, int]:
+    """The contiguous block [start, stop) of ordered slice ``k``: split where two neighbours are more than
+    GAP_FACTOR x the median spacing apart, so a parallel block across a gap never lends its slices as neighbours."""
+    gaps = np.diff(np.asarray(positions, dtype=np.float64))
+    steps = gaps[gaps > 1e-3]  # repeated positions are not a spacing
+    if len(steps) < 2 or not np.isfinite(steps).all():
+        return 0, len(positions)
+    breaks = np.flatnonzero(gaps > GAP_FACTOR * float(np.median(steps))) + 1  # first slice of each later block
+    start = int(breaks[breaks <= k].max()) if (breaks <= k).any() else 0
+    stop = int(breaks[breaks > k].min()) if (breaks > k).any() else len(positions)
+    return start, stop
+
+
 def stack_around(headers: list[SliceHeader], instance_number: int, slices: int) -> Stack:
-    """The S slices centred on ``instance_number`` in spatial order, replicating the edge slice where the sub-stack
-    ends. Raises KeyError when the instance is not in the series."""
+    """The S slices centred on ``instance_number`` in spatial order, replicating the edge slice where its block
+    ends (the sub-stack's end, or a gap before a parallel block). Raises KeyError when the instance is not in the
+    series."""
     labelled = [h for h in headers if h.instance_number == instance_number]
     if not labelled:
         raise KeyError(f"instance {instance_number} not in series")
     group = next(g for g in sub_stacks(headers) if labelled[0] in g)
     ordered, positions, ordering = order_slices(group)
     k = ordered.index(labelled[0])
+    if ordering == "position":
+        start, stop = block_of(positions, k)
+        ordered, positions, k = ordered[start:stop], positions[start:stop], k - start
     half = slices // 2
     idx = [k + d for d in range(-half, half + 1)]
     clipped = [min(max(i, 0), len(ordered) - 1) for i in idx]

@@ -89,6 +89,13 @@ def _series_table(path: Path, errors: list[dict]) -> tuple[dict[tuple[int, int],
     return good, bad
 
 
+def split_studies(data_dir: str | Path, split: str) -> list[int]:
+    """Every study of a split: those with a series in ``{split}_series_descriptions.csv`` (an unknown description
+    included), so a test study without any usable coordinate still gets its submission rows."""
+    good, bad = _series_table(Path(data_dir) / f"{split}_series_descriptions.csv", [])
+    return sorted({study for study, _ in (*good, *bad)})
+
+
 def _labels_table(path: Path, errors: list[dict]) -> dict[int, tuple[int, tuple]]:
     """study -> (line, row) of train.csv, with invalid ids and unknown label strings reported."""
     df = read_table(path, ("study_id", *LABEL_COLUMNS))

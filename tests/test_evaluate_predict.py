@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import cache
 from cache.rsna import CONDITIONS, LABEL_COLUMNS, LEVELS, PROB_COLUMNS, label_column, submission_row_ids
 from train.evaluate import apply_temperature, evaluate, fit_temperature, read_temperature
 from train.predict import (MISSING_LOG, PUBLISHED_MIX, assemble, checkpoint_config, condition_priors,
@@ -331,7 +332,8 @@ def test_synth_prep_train_predict_score(tmp_path):
     first = int(coords["study_id"].min())
     dropped = (coords["study_id"] == first) & (coords["condition"] == SPINAL) & (coords["level"] == "L1/L2")
     assert dropped.sum() == 1
-    coords[~dropped].to_csv(tmp_path / "coords.csv", index=False)  # a localizer that missed one level
+    stray = coords.iloc[[0]].assign(study_id=123)  # a row for a study that is not in the test set
+    pd.concat([coords[~dropped], stray]).to_csv(tmp_path / "coords.csv", index=False)  # a localizer that missed a level
 
     runner = CliRunner()
     prep = ["prep", "--slices", "3", "--size", "32", "--workers", "1", "--scheduler", "synchronous", "--no-progress"]
@@ -391,6 +393,18 @@ def test_synth_prep_train_predict_score(tmp_path):
     assert not got["partial"] and all(math.isfinite(got[k]) and got[k] > 0 for k in SCORE_KEYS)
     assert got["n_spinal"] + got["n_foraminal"] + got["n_subarticular"] == \
         labels_long(data / "test_labels.csv")["label"].notna().sum()
+
+    # without the sample submission, on a GPU box without the data folder: the test set's studies as prep recorded
+    # them, every one with its 25 rows, and none for the stray row's study (it is in the cache's errors table)
+    test_studies = sorted(pd.read_csv(data / "test_series_descriptions.csv")["study_id"].unique())
+    assert cache.open(tmp_path / "test_cache").manifest["prep"]["split_studies"] == test_studies
+    assert 123 in set(cache.open(tmp_path / "test_cache").errors["study_id"])
+    data.rename(tmp_path / "data_gone")
+    bare = tmp_path / "bare.csv"
+    r = runner.invoke(app, ["predict", str(run), "--cache", str(tmp_path / "test_cache"), "--out", str(bare),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert sorted(pd.read_csv(bare)["row_id"]) == sorted(sample["row_id"])
 
 
 def test_split_studies_lists_every_study_of_the_split_even_without_coordinates(tmp_path):

@@ -56,6 +56,27 @@ def test_sub_stacks_split_by_orientation(tmp_path):
     assert [h.instance_number for h in stack.slices] == [6, 7, 8, 9, 10]
 
 
+def test_parallel_blocks_across_a_gap_lend_no_neighbours(tmp_path):
+    # one tilt, two blocks 4 mm apart inside, 44 mm apart between (e.g. an L3/L4 and an L5/S1 block)
+    write_series(tmp_path, [phantom(16, seed=k) for k in range(5)], [1, 2, 3, 4, 5], orientation=AXIAL, gap_mm=4.0)
+    write_series(tmp_path, [phantom(16, seed=k) for k in range(5)], [6, 7, 8, 9, 10], orientation=AXIAL, gap_mm=4.0,
+                 origin=(0.0, 0.0, 60.0))
+    headers = _headers(tmp_path)
+    stack = stack_around(headers, 5, 7)  # the first block's last slice: the edge repeats, the other block stays out
+    assert [h.instance_number for h in stack.slices] == [2, 3, 4, 5, 5, 5, 5]
+    assert stack.replicated == (False, False, False, False, True, True, True)
+    np.testing.assert_allclose(stack.offsets_mm, [-12, -8, -4, 0, 0, 0, 0])
+    assert [h.instance_number for h in stack_around(headers, 6, 3).slices] == [6, 6, 7]
+
+
+def test_a_missing_slice_does_not_split_its_block(tmp_path):
+    write_series(tmp_path, [phantom(16, seed=k) for k in range(7)], [1, 2, 3, 4, 5, 6, 7], gap_mm=3.0)
+    (tmp_path / "4.dcm").unlink()  # a 6 mm hole in 3 mm steps: still one block
+    stack = stack_around(_headers(tmp_path), 3, 5)
+    assert [h.instance_number for h in stack.slices] == [1, 2, 3, 5, 6] and not any(stack.replicated)
+    np.testing.assert_allclose(stack.offsets_mm, [-6, -3, 0, 6, 9])
+
+
 def test_neighbour_of_another_size_maps_through_patient_space(tmp_path):
     lab = read_header(write_slice(tmp_path / "1.dcm", phantom(64), instance=1, spacing=(1.0, 1.0)))
     same = read_header(write_slice(tmp_path / "2.dcm", phantom(64), instance=2, spacing=(1.0, 1.0),

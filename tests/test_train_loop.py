@@ -233,6 +233,19 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(tiny, 
         loop.fit(tiny, run, tiny_cfg(epochs=1))
 
 
+def test_a_study_with_nothing_of_the_trained_condition_is_left_out(tmp_path):
+    # as in the competition's data: a default cache holds every condition, and a few studies have no labelled sample
+    # of the one trained (here study 1000's spinal samples are unlabelled); they sit out the folds, not the run
+    both = make_tiny_cache(tmp_path / "c", n_studies=8, unlabelled=5,
+                           conditions=("Spinal Canal Stenosis", "Left Neural Foraminal Narrowing"))
+    run = tmp_path / "run"
+    loop.fit(both, run, tiny_cfg(epochs=1, conditions=("Spinal Canal Stenosis",)))
+    folds = pd.read_parquet(run / "folds.parquet")
+    assert sorted(folds["study_id"]) == list(range(1001, 1008))
+    oof = pd.read_parquet(run / "fold0" / "oof.parquet")
+    assert len(oof) and 1000 not in set(oof["study_id"]) and set(oof["condition"]) == {"Spinal Canal Stenosis"}
+
+
 def test_cli_reports_user_errors_in_one_line(tiny, tmp_path):
     from typer.testing import CliRunner
 

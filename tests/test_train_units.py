@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from train.augment import augment_batch
 from train.config import TrainConfig
-from train.folds import make_folds
+from train.folds import fold_of_samples, make_folds
 from train.losses import WeightedFocalCE
 from train.metrics import balanced_accuracy, classification_metrics, confusion_matrix, dead_classes, per_class_recall
 from train.model import WeightAverage, build_model
@@ -223,6 +223,17 @@ def test_folds_grouped_by_study_deterministic_and_order_free():
     assert not make_folds(idx, 5, 7)["fold"].equals(folds["fold"])
     with pytest.raises(ValueError, match="at least 5 studies"):
         make_folds(_index(3), 5, 42)
+
+
+def test_a_study_without_trained_samples_needs_no_fold():
+    idx = _index(6)
+    folds = make_folds(idx[idx["study_id"] != 1005], 5, 42)  # study 1005: nothing of the trained conditions
+    trained = np.flatnonzero(idx["study_id"] != 1005)
+    fold = fold_of_samples(idx, folds, trained)
+    assert (fold[idx["study_id"] == 1005] == -1).all() and (fold[trained] >= 0).all()
+    assert (fold[trained] == idx.iloc[trained]["study_id"].map(folds.set_index("study_id")["fold"])).all()
+    with pytest.raises(ValueError, match=r"studies \[1005\] are not in folds.parquet"):
+        fold_of_samples(idx, folds, np.arange(len(idx)))  # a trained row without a fold: another cache
 
 
 # ------------------------------------------------------------------------------------------------ imports

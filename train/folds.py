@@ -55,10 +55,14 @@ def load_folds(path: str | Path) -> pd.DataFrame:
     return folds
 
 
-def fold_of_samples(index: pd.DataFrame, folds: pd.DataFrame) -> np.ndarray:
-    """The fold of every index row; a study missing from the fold table is an error (a different cache?)."""
+def fold_of_samples(index: pd.DataFrame, folds: pd.DataFrame, positions: np.ndarray | None = None) -> np.ndarray:
+    """The fold of every index row, -1 for a study the fold table leaves out. The folds are made from the samples a
+    run trains on, so a cache can hold other studies (one with no labelled sample of the trained conditions, or whose
+    crops all failed); only a trained row (``positions``, default all) without a fold is an error: another cache?"""
     fold = index["study_id"].astype("int64").map(folds.set_index("study_id")["fold"])
-    if fold.isna().any():
-        missing = index.loc[fold.isna(), "study_id"].unique()[:5].tolist()
-        raise ValueError(f"studies {missing} are not in folds.parquet: was the run made on another cache?")
-    return fold.to_numpy(dtype=np.int64)
+    rows = np.arange(len(index)) if positions is None else np.asarray(positions, dtype=np.int64)
+    unfolded = rows[fold.isna().to_numpy()[rows]]
+    if len(unfolded):
+        studies = pd.unique(index["study_id"].to_numpy()[unfolded])[:5].tolist()
+        raise ValueError(f"studies {studies} are not in folds.parquet: was the run made on another cache?")
+    return fold.fillna(-1).to_numpy(dtype=np.int64)

@@ -340,14 +340,15 @@ def fit(cache_path: str | Path | None, out_dir: str | Path, cfg: TrainConfig | N
         cfg = resolve_config(cfg or TrainConfig(), reader)
     rt = setup_runtime(cfg.device, cfg.amp)  # under torchrun: every rank has checked run_dir before any writes
     set_deterministic(cfg.deterministic)
+    trained = select_samples(reader.index, cfg.conditions)  # labelled samples of the run's conditions
     if not resume and rt.master:
-        selected = reader.index.iloc[select_samples(reader.index, cfg.conditions)]
-        folds_mod.save_folds(folds_mod.make_folds(selected, cfg.folds, cfg.seed), run_dir / "folds.parquet")
+        folds_mod.save_folds(folds_mod.make_folds(reader.index.iloc[trained], cfg.folds, cfg.seed),
+                             run_dir / "folds.parquet")
         atomic_write_json(config_path, {**cfg.to_dict(), "cache": str(Path(cache_path).resolve()),
                                         "cache_config_hash": cache_config_hash(reader)})
     rt.barrier()
     index = reader.index
-    sample_fold = folds_mod.fold_of_samples(index, folds_mod.load_folds(run_dir / "folds.parquet"))
+    sample_fold = folds_mod.fold_of_samples(index, folds_mod.load_folds(run_dir / "folds.parquet"), trained)
     todo = range(cfg.folds) if cfg.fold is None else [cfg.fold]
     if resume and all((run_dir / f"fold{k}" / "oof.parquet").exists() for k in todo):
         log.info("%s: every requested fold has finished; nothing to resume", run_dir)

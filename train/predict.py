@@ -152,8 +152,11 @@ def parse_row_id(rid: str) -> tuple[int, str]:
 
 
 def split_studies(manifest: dict[str, Any]) -> set[int]:
-    """Every study of the split the cache was built from, per its `{split}_series_descriptions.csv` (when that
-    folder is still there), so a study without a single coordinate still gets its 25 rows."""
+    """Every study of the split the cache was built from, so a study without a single coordinate still gets its 25
+    rows: as prep recorded them (`prep.split_studies`), else per the data folder's `{split}_series_descriptions.csv`
+    (a cache from before that record, with its data folder still there); empty when neither is known."""
+    if "split_studies" in manifest.get("prep", {}):
+        return {int(s) for s in manifest["prep"]["split_studies"]}
     data_dir, split = manifest.get("prep", {}).get("data_dir"), manifest.get("config", {}).get("split")
     table = Path(data_dir) / f"{split}_series_descriptions.csv" if data_dir and split else None
     if table is None or not table.exists():
@@ -258,10 +261,11 @@ def predict(checkpoints: list[str | os.PathLike], cache_path: str | os.PathLike,
     reader = cache.open(cache_path)
     check_crops(paths, configs, reader)
     errors = reader.errors
-    studies = {int(s) for s in reader.index["study_id"]}
-    if "study_id" in errors.columns:  # a study whose every crop failed is still a study of the test set
-        studies |= {int(s) for s in errors["study_id"].dropna()}
-    studies |= split_studies(reader.manifest)  # and so is one with no coordinates at all
+    known = split_studies(reader.manifest)  # every study of the test set, even one with no coordinates at all
+    studies = {int(s) for s in reader.index["study_id"]} | known
+    if "study_id" in errors.columns:  # a study whose every crop failed is still a study of the test set, but not
+        failed = {int(s) for s in errors["study_id"].dropna()}  # one that only a stray coordinate row names
+        studies |= (failed & known) if known else failed
     rows = submission_rows(sample_submission, sorted(studies))
     predicted = model_predictions(paths, configs, reader, device, tta)
     if temperature is not None:
