@@ -81,11 +81,12 @@ def label_code(value: object) -> int | None:
 
 
 def parse_condition(text: str) -> str:
-    """A condition from its name or slug, any case: 'spinal_canal_stenosis' -> 'Spinal Canal Stenosis'."""
-    found = {slug(c): c for c in CONDITIONS}.get(slug(text.strip()))
-    if found is None:
-        raise ValueError(f"unknown condition {text!r}; expected one of {list(CONDITIONS)} (or their snake_case)")
-    return found
+    """One condition, spelled as everywhere in lsdc (name, slug, or a group of one): 'spinal_canal_stenosis' and
+    'spinal' -> 'Spinal Canal Stenosis'. A group of two ('foraminal') raises, naming its members."""
+    found = expand_conditions([text])
+    if len(found) != 1:
+        raise ValueError(f"{text!r} means {len(found)} conditions {list(found)}: name one")
+    return found[0]
 
 
 def expand_conditions(parts) -> tuple[str, ...]:

@@ -47,6 +47,13 @@ def _is_cache(root: Path) -> bool:
     return (root / "zarr.json").is_file()
 
 
+def _holds_samples(root: Path) -> bool:
+    """Has any chunk been written? A cache without one (e.g. a build whose every sample failed) loses nothing when a
+    build with other settings replaces it."""
+    crops = root / fmt.ARRAY
+    return crops.is_dir() and any(p.name != "zarr.json" for p in crops.iterdir())
+
+
 def _clear(root: Path) -> None:
     """Delete an old cache's contents but keep the build lock (held by the caller of create(clean=True))."""
     for child in root.iterdir():
@@ -72,7 +79,8 @@ class CacheWriter:
         """A new store of shape (n_rows, slices, 3, size, size), or a resumable one built with the same config.
 
         An existing cache with another config hash or shape raises CacheConfigMismatch unless clean=True, which
-        deletes it first. A directory that is not a cache is never deleted.
+        deletes it first, or it holds no sample at all (nothing to lose). A directory that is not a cache is never
+        deleted.
         """
         config = json.loads(json.dumps(config or {}, default=str))  # stored exactly as hashed (tuples -> lists)
         root = local_path(path)
@@ -82,6 +90,9 @@ class CacheWriter:
         if leftovers and not _is_cache(root):
             raise CacheError(f"{root} exists and is not an lsdc cache ({leftovers[0].name} inside); "
                              "choose another output path")
+        if leftovers and not clean and not _holds_samples(root):
+            log.info("%s holds no sample yet: replaced by this build", root)
+            clean = True
         if leftovers and clean:
             _clear(root)
         elif leftovers:

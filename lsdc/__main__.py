@@ -1,3 +1,3 @@
-from lsdc.cli import app
+from lsdc.cli import main
 
-app()
+main()

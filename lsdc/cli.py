@@ -7,6 +7,9 @@ dask, torch, timm) are imported inside the command that needs them, so `lsdc --h
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from lsdc.commands import bench, cache, demo, evaluate, predict, prep, synth, train
@@ -27,5 +30,45 @@ app.add_typer(cache.app, name="cache", help="Inspect and verify a crop cache.")
 app.add_typer(bench.app, name="bench", help="Benchmarks: cache build, loader and training throughput.")
 
 
+# Which install role brings each third-party module a command may import: running a command on the box that lacks
+# its role (`lsdc train` on the prep box) is this workflow's likeliest mistake, and deserves one line, not a traceback.
+ROLE_OF_MODULE = {
+    **dict.fromkeys(("torch", "torchvision", "timm", "safetensors"), "train"),
+    **dict.fromkeys(("scipy", "sklearn"), "eval"),
+    **dict.fromkeys(("cv2", "pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "dask", "distributed", "psutil"),
+                    "prep"),
+    **dict.fromkeys(("matplotlib", "ipykernel", "nbclient", "nbformat"), "notebook"),
+}
+ROLE_HINT = {"train": "install the train role (in lsdc's clone: the torch build for your CUDA, then "
+                      "pip install '.[train]')",
+             "eval": "install the eval role (in lsdc's clone: pip install '.[eval]'; '.[train]' includes it)",
+             "prep": "install the prep role (in lsdc's clone: pip install '.[prep]')",
+             "notebook": "install the notebook role (in lsdc's clone: pip install '.[notebook]')"}
+
+
+def missing_module_message(error: ModuleNotFoundError, argv: list[str]) -> str | None:
+    """`lsdc <command>: needs <module>, not installed here: <how to install it>`, or None for a module no role
+    provides (a bug, which keeps its traceback)."""
+    top = (error.name or "").split(".")[0]
+    role = ROLE_OF_MODULE.get(top)
+    if role is None:
+        return None
+    words = [a for a in argv[1:3] if not a.startswith("-")]
+    command = " ".join(words[:2] if words[:1] in (["cache"], ["bench"]) else words[:1])
+    return f"lsdc {command}: needs {top}, which is not installed here; {ROLE_HINT[role]}"
+
+
+def main() -> None:
+    """The console command: the typer app, with a missing optional dependency told as the role to install."""
+    try:
+        app()
+    except ModuleNotFoundError as e:
+        message = missing_module_message(e, sys.argv)
+        if message is None or os.environ.get("LSDC_DEBUG", "") not in ("", "0"):
+            raise
+        typer.secho(message, fg="red", err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -131,6 +131,12 @@ def read_samples(data_dir: str | Path, config: PrepConfig) -> tuple[pd.DataFrame
     Row order is deterministic: study, then condition and level in the competition's order.
     """
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise TableError(data_dir, "no such folder (give the competition's data folder: train.csv, "
+                         "train_series_descriptions.csv, train_images/ ...)")
+    if (data_dir / "zarr.json").is_file():
+        raise TableError(data_dir, "this is an lsdc crop cache; prep reads the competition's data folder (train.csv, "
+                         "train_series_descriptions.csv, train_images/ ...)")
     split = config.split
     errors: list[dict] = []
     series, bad_series = _series_table(data_dir / f"{split}_series_descriptions.csv", errors)

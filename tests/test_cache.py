@@ -194,6 +194,18 @@ def test_resume_same_config_keeps_work_other_config_raises(tmp_path: Path) -> No
     assert fresh.build_info["config_hash"] == cache.config_hash(other)
 
 
+def test_a_cache_without_a_sample_gives_way_to_other_settings(tmp_path: Path) -> None:
+    # e.g. a test-split prep given the train coordinates: every row failed, so nothing is lost by replacing it
+    path = tmp_path / "c"
+    cache.CacheWriter.create(path, n_rows=2, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
+    other = {**h.CONFIG, "size": 64}
+    w = cache.CacheWriter.create(path, n_rows=3, slices=h.SLICES, size=h.SIZE, config=other)
+    assert w.build_info["config_hash"] == cache.config_hash(other) and w.build_info["shape"][0] == 3
+    h.write_rows(str(path), [0])  # one sample written: from now on it is refused as before
+    with pytest.raises(cache.CacheConfigMismatch, match="--clean"):
+        cache.CacheWriter.create(path, n_rows=3, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
+
+
 def test_finalised_cache_reopens_for_same_config(built: Path) -> None:
     w = cache.CacheWriter.create(built, n_rows=8, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
     assert w.written_rows() == set(range(8)) and len(cache.open(built)) == 8

@@ -89,9 +89,12 @@ def test_show_accepts_snake_case_and_names_what_is_wrong(built: Path, tmp_path: 
     res = runner.invoke(app, ["cache", "show", str(built), "--study", "4242", "--condition", "spinal_canal_stenosis",
                               "--level", "L4/L5"])
     assert res.exit_code == 2 and "study 4242 is not in this cache" in res.output
-    res = runner.invoke(app, ["cache", "show", str(built), "--study", "1000", "--condition", "spinal",
+    res = runner.invoke(app, ["cache", "show", str(built), "--study", "1000", "--condition", "foraminal",
                               "--level", "L4/L5"])
-    assert res.exit_code == 2 and "unknown condition 'spinal'" in res.output
+    assert res.exit_code == 2 and "'foraminal' means 2 conditions" in res.output
+    res = runner.invoke(app, ["cache", "show", str(built), "--study", "1000", "--condition", "spinal",
+                              "--level", "L1/L2", "--out", str(out)])  # a group of one, as in every other command
+    assert res.exit_code == 0, res.output
 
 
 def test_show_without_matplotlib_says_what_to_install(built: Path, tmp_path: Path, monkeypatch) -> None:

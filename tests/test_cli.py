@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from lsdc.cli import app
@@ -41,3 +42,18 @@ def test_a_folder_named_like_a_package_does_not_shadow_it(tmp_path):
     res = subprocess.run([sys.executable, "-m", "lsdc", "cache", "info", "cache"], capture_output=True, text=True,
                          cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, hidden, says", [
+    (["train", "c", "r"], "torch", "lsdc train: needs torch, which is not installed here; install the train role"),
+    (["prep", "{data}", "c"], "cv2", "lsdc prep: needs cv2, which is not installed here; install the prep role"),
+    (["bench", "load", "{data}"], "torch", "lsdc bench load: needs torch"),
+])
+def test_a_command_on_a_box_without_its_role_says_what_to_install(tmp_path, argv, hidden, says):
+    # the two-box workflow's likeliest mistake (`lsdc train` on the prep box): one line naming the role, exit 2
+    argv = [a.format(data=tmp_path) for a in argv]
+    code = (f"import sys; sys.modules[{hidden!r}] = None; sys.argv = ['lsdc', *{argv!r}]; "
+            "from lsdc.cli import main; main()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -394,6 +394,16 @@ def test_synth_prep_train_predict_score(tmp_path):
     assert got["n_spinal"] + got["n_foraminal"] + got["n_subarticular"] == \
         labels_long(data / "test_labels.csv")["label"].notna().sum()
 
+    # the submission scored by `lsdc evaluate` against the synthetic solution: the same score, and the report files
+    r = runner.invoke(app, ["evaluate", str(out), "--labels", str(data / "test_labels.csv"), "--out",
+                            str(tmp_path / "scores")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "scores" / "score.json").read_text())["score"]["score"] == pytest.approx(
+        got["score"], rel=1e-12)
+    assert f"wrote score.json, score.md (recall, confusion, per level and fold) to {tmp_path / 'scores'}" in r.output
+    r = runner.invoke(app, ["evaluate", str(out)])
+    assert r.exit_code == 2 and "is a submission: pass --labels" in r.output
+
     # without the sample submission, on a GPU box without the data folder: the test set's studies as prep recorded
     # them, every one with its 25 rows, and none for the stray row's study (it is in the cache's errors table)
     test_studies = sorted(pd.read_csv(data / "test_series_descriptions.csv")["study_id"].unique())

@@ -114,6 +114,16 @@ def test_test_split_uses_the_users_coordinates(tmp_path):
     assert samples[["study_id", "series_description"]].values.tolist() == [[7, "Axial T2"]]
     assert samples.label.isna().all()
     assert errors.reason.tolist() == ["series 80 of study 8 is not in test_series_descriptions.csv"]
+    from prep.samples import split_studies
+    assert split_studies(tmp_path, "test") == [7]  # the test set, as predict needs it: from the series table
+
+
+def test_a_wrong_data_folder_is_named_as_such(tmp_path):
+    with pytest.raises(TableError, match="no such folder"):
+        read_samples(tmp_path / "dta", PrepConfig())
+    (tmp_path / "zarr.json").write_text("{}")  # a crop cache given where the data folder goes
+    with pytest.raises(TableError, match="this is an lsdc crop cache"):
+        read_samples(tmp_path, PrepConfig())
 
 
 def test_config_round_trip_and_parsing():

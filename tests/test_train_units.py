@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,6 +43,26 @@ def test_config_defaults_are_v8():
     assert (c.patience, c.freeze_epochs, c.batch_size, c.workers) == (12, 2, 12, 2)
     assert (c.folds, c.fold, c.seed, c.best_rule, c.best_min_recall, c.dead_min_count) == (5, 0, 42, "v8", 0.2, 3)
     assert (c.aug_shift, c.aug_scale, c.aug_rotate, c.aug_center_jitter * 256, c.hflip) == (0.1, 0.12, 12, 16, False)
+
+
+def test_docs_list_every_setting_as_the_dataclass_says():
+    import dataclasses
+
+    from train.config import settings_markdown
+    table = settings_markdown()
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert f"<!-- settings:start -->\n{table}<!-- settings:end -->" in docs, \
+        "docs/training.md's settings table is stale: paste train.config.settings_markdown() between its markers"
+    names = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert names == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert "| `epochs` | `25` | training epochs |" in table
+
+
+@pytest.mark.parametrize("setting", [dict(epochs=0), dict(folds=1), dict(batch_size=0), dict(workers=-1),
+                                     dict(image_size=4), dict(class_weights=(1, 0, 4)), dict(patience=0)])
+def test_config_refuses_counts_out_of_range(setting):
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        TrainConfig(**setting)
 
 
 def test_config_round_trip_files_and_overrides(tmp_path):

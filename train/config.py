@@ -28,61 +28,61 @@ class TrainConfig:
     slices: int | None = None  # None = the cache's slice count
     image_size: int | None = None  # None = the cache's crop size; else resized on the GPU
     in_memory: str | bool = "auto"  # load the selected samples into RAM once ('auto': when they fit)
-    batch_size: int = 12
-    workers: int = 2
+    batch_size: int = 12  # samples per step and device (v8: 12)
+    workers: int = 2  # loader worker processes (0 = read in the main process)
     # --- model ---
-    backbone: str = "tf_efficientnetv2_s"
+    backbone: str = "tf_efficientnetv2_s"  # any timm model name; it encodes each slice
     pretrained: bool = True  # ImageNet weights: from `weights` when given, else timm's hub (needs internet)
     weights: str | None = None  # local .safetensors / .pth file for the backbone
     aggregator: str = "weighted"  # 'weighted' (v8) | 'attention' (MIL) | 'bigru' (bi-GRU then attention)
     agg_hidden: int = 256  # attention / GRU width
-    level_emb: int = 256
+    level_emb: int = 256  # width of the disc-level embedding, joined to the pooled slice features
     condition_emb: int = 64  # only used when several conditions share one model
-    head_hidden: int = 512
-    head_dropout: float = 0.35
-    head_dropout2: float = 0.175
+    head_hidden: int = 512  # hidden width of the classification head
+    head_dropout: float = 0.35  # dropout before the head's hidden layer
+    head_dropout2: float = 0.175  # dropout before the head's output layer
     # --- loss ---
-    class_weights: tuple[float, float, float] = (1.0, 2.0, 4.0)
+    class_weights: tuple[float, float, float] = (1.0, 2.0, 4.0)  # CE weights of Normal/Mild, Moderate, Severe
     focal_gamma: float = 0.0  # 0 = plain weighted CE; 1.5 is v8's troubleshooting option
     # --- optimisation ---
-    epochs: int = 25
-    lr_backbone: float = 1e-5
-    lr_head: float = 1e-4
-    weight_decay: float = 0.03
-    grad_clip: float = 1.0
+    epochs: int = 25  # training epochs
+    lr_backbone: float = 1e-5  # peak learning rate of the backbone (AdamW)
+    lr_head: float = 1e-4  # peak learning rate of the aggregator, embeddings and head
+    weight_decay: float = 0.03  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
     warmup_epochs: float = 2.0  # linear warm-up, then cosine to 0
     freeze_epochs: int = 2  # backbone frozen (weights and BN statistics) for the first N epochs
     swa_start: int | None = 18  # epoch from which weights are averaged (SWA) at a constant swa_lr
-    swa_lr: float = 5e-6
+    swa_lr: float = 5e-6  # constant learning rate during SWA
     ema_decay: float | None = None  # EMA instead of SWA: e.g. 0.999 (per step); set swa_start=None with it
     amp: str = "auto"  # 'auto': bf16 where supported, else fp16 + GradScaler; off on CPU
-    channels_last: bool = True
-    compile: bool = False
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model
     # --- validation / selection ---
-    folds: int = 5
+    folds: int = 5  # cross-validation folds, grouped by study
     fold: int | None = 0  # v8 trained fold 0 only; None = every fold
     best_rule: str = "v8"  # 'v8': best BA with Moderate and Severe recall >= best_min_recall | 'score': lowest score
-    best_min_recall: float = 0.20
+    best_min_recall: float = 0.20  # the 'v8' rule's minimum Moderate and Severe recall
     patience: int | None = 12  # early stop after N epochs without a better selection metric
     dead_min_count: int = 3  # a class predicted fewer times than this on validation is "dead"
     dead_stop_after: int | None = None  # stop after K consecutive dead-class epochs; None = never
     tta: bool = False  # out-of-fold predictions: plain + mild brightness/contrast, averaged
     # --- augmentation (GPU, the same transform for every slice of a sample) ---
-    aug_p_affine: float = 0.5
+    aug_p_affine: float = 0.5  # probability of a random shift/scale/rotation
     aug_shift: float = 0.1  # fraction of the crop size
-    aug_scale: float = 0.12
+    aug_scale: float = 0.12  # scale drawn in [1 - s, 1 + s]
     aug_rotate: float = 12.0  # degrees
     aug_center_jitter: float = 16 / 256  # fraction of the crop size: v8's +-16 px at 256 px, always applied
     aug_p_color: float = 0.5  # brightness/contrast or gamma (one of the two)
-    aug_brightness: float = 0.2
-    aug_contrast: float = 0.2
+    aug_brightness: float = 0.2  # brightness shift drawn in [-b, b]
+    aug_contrast: float = 0.2  # contrast factor drawn in [1 - c, 1 + c]
     aug_gamma: float = 0.2  # gamma drawn in [1 - g, 1 + g]
-    aug_p_noise: float = 0.3
+    aug_p_noise: float = 0.3  # probability of Gaussian noise
     aug_noise_std: float = 0.03  # on the [0, 1] scale
     hflip: bool = False  # mirror left/right; sided conditions swap to their mirror condition (must be trained too)
     # --- run ---
-    seed: int = 42
-    deterministic: bool = False
+    seed: int = 42  # seeds folds, weights init, sampling and augmentation
+    deterministic: bool = False  # deterministic kernels (slower): a resumed run then equals an uninterrupted one
     device: str = "auto"  # 'auto' | 'cuda' | 'cuda:1' | 'cpu'
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
@@ -93,6 +93,15 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        # counts that would only fail later (e.g. no checkpoint after 0 epochs): said before anything runs
+        for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("folds", 2), ("freeze_epochs", 0),
+                          ("slices", 1), ("image_size", 8), ("patience", 1), ("dead_min_count", 0)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+        if self.warmup_epochs < 0 or min(self.class_weights, default=1.0) <= 0:
+            raise ValueError(f"warmup_epochs must be >= 0 and class_weights > 0, got {self.warmup_epochs}, "
+                             f"{self.class_weights}")
         if not self.conditions or len(set(self.conditions)) != len(self.conditions):
             raise ValueError(f"conditions must be a non-empty list without repeats, got {self.conditions}")
         if len({CONDITION_SERIES[c] for c in self.conditions}) > 1 and self.hflip:
@@ -216,3 +225,26 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _bad(key: str, value: Any, expected: str) -> Any:
     raise ValueError(f"{key}: expected {expected}, got {value!r}")
+
+
+def settings_markdown() -> str:
+    """The settings table of docs/training.md, from TrainConfig's own lines (field, default, comment), so the
+    dataclass stays the one place they are written; a test keeps the docs equal to it."""
+    import inspect
+    import re
+
+    rows = ["| setting | default | what it does |", "|---|---|---|"]
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if line.strip().startswith("def "):
+            break  # the fields come first
+        section = re.fullmatch(r"\s+# --- (.+) ---", line)
+        if section:
+            rows.append(f"| **{section.group(1)}** | | |")
+            continue
+        fld = re.fullmatch(r"\s{4}(\w+): [^=]+ = (.+?)(?:  # (.*))?", line)
+        if fld:
+            name, default, note = fld.groups()
+            default = re.sub(r"field\(default_factory=(\w+)\)", lambda m: {"dict": "{}", "list": "[]"}[m.group(1)], default)
+            note = (note or "").replace("|", "\\|")
+            rows.append(f"| `{name}` | `{default.replace('|', '/')}` | {note} |")
+    return "\n".join(rows) + "\n"

@@ -20,7 +20,8 @@ from sklearn.metrics import confusion_matrix
 
 from cache.io import atomic_write_json, atomic_write_text, json_safe
 from cache.rsna import CONDITION_GROUP, CONDITIONS, LABELS, LEVELS, PROB_COLUMNS
-from train.score import GROUPS, PARTS, competition_score, group_log_loss, labels_long, normalise_probs, scored_rows
+from train.score import (GROUPS, PARTS, competition_score, group_log_loss, labels_long, match_submission,
+                         normalise_probs, scored_rows)
 
 KEY = ["study_id", "condition", "level"]
 PROBS = list(PROB_COLUMNS)
@@ -32,6 +33,8 @@ T_BOUNDS = (0.05, 20.0)  # a temperature outside this range means the prediction
 def oof_path(item: str | os.PathLike) -> Path:
     """A run directory -> its oof.parquet; a Parquet file -> itself."""
     p = Path(item)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (give a run directory, an OOF .parquet or a submission .csv)")
     if p.is_dir():
         p = p / "oof.parquet"
     if not p.is_file():
@@ -40,9 +43,13 @@ def oof_path(item: str | os.PathLike) -> Path:
 
 
 def load_predictions(inputs: list[str | os.PathLike], labels_csv: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Pool OOF predictions: one row per (study, condition, level) with label, probabilities and fold (if known)."""
+    """Pool OOF predictions (run directories, .parquet files) or Kaggle submissions (.csv, scored against
+    `labels_csv`): one row per (study, condition, level) with label, probabilities and fold (if known)."""
     frames = []
     for item in inputs:
+        if Path(item).suffix.lower() == ".csv":
+            frames.append(submission_predictions(item, labels_csv))
+            continue
         path = oof_path(item)
         df = pd.read_parquet(path)
         if missing := [c for c in (*KEY, *PROBS) if c not in df.columns]:
@@ -63,6 +70,18 @@ def load_predictions(inputs: list[str | os.PathLike], labels_csv: str | os.PathL
         raise ValueError("the OOF predictions carry no label column: pass labels_csv (train.csv format)")
     out["label"] = out["label"].astype("Int8")
     return out
+
+
+def submission_predictions(path: str | os.PathLike, labels_csv: str | os.PathLike | None) -> pd.DataFrame:
+    """A submission CSV as predictions of the labels' rows: its row ids must be exactly theirs, as on Kaggle."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no submission at {path}")
+    if labels_csv is None:
+        raise ValueError(f"{path} is a submission: pass --labels with its solution (train.csv format, e.g. the "
+                         "synthetic test_labels.csv)")
+    df = match_submission(labels_csv, path)
+    df[PROBS] = normalise_probs(df[PROBS].to_numpy(), str(path))
+    return df[[*KEY, *PROBS, "label"]].assign(source=str(path))
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
@@ -143,8 +162,9 @@ def evaluate(inputs: list[str | os.PathLike], labels_csv: str | os.PathLike | No
              out_dir: str | os.PathLike | None = None, calibrate: bool = False) -> dict[str, Any]:
     """Score OOF predictions; write score.json + score.md (and temperature.json when calibrating) into `out_dir`.
 
-    `out_dir` defaults to the run directory when exactly one run directory is given; otherwise nothing is written
-    unless it is set.
+    `inputs`: run directories or OOF .parquet files, or submission .csv files scored against `labels_csv` (as
+    Kaggle scores them). `out_dir` defaults to the run directory when exactly one run directory is given; otherwise
+    nothing is written unless it is set.
     """
     inputs = [Path(i) for i in inputs]
     if not inputs:
@@ -176,6 +196,7 @@ def evaluate(inputs: list[str | os.PathLike], labels_csv: str | os.PathLike | No
         out_dir = inputs[0]
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
+        result["written_to"] = str(out_dir)
     return result
 
 

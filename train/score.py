@@ -160,6 +160,13 @@ def score_submission(solution: pd.DataFrame | str | os.PathLike,
     Like Kaggle, every row id of the solution's studies must be in the submission and nothing else may be; the
     synthetic test split's `test_labels.csv` is such a solution.
     """
+    return competition_score(match_submission(solution, submission), details=details)
+
+
+def match_submission(solution: pd.DataFrame | str | os.PathLike,
+                     submission: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    """The solution's rows (study_id, condition, level, row_id, label) with the submission's probabilities; its row
+    ids must be exactly the solution's, as on Kaggle."""
     truth = labels_long(solution)
     sub = read_submission(submission)
     missing = sorted(set(truth["row_id"]) - set(sub["row_id"]))
@@ -167,5 +174,4 @@ def score_submission(solution: pd.DataFrame | str | os.PathLike,
     if missing or extra:
         raise ValueError(f"submission row ids do not match the solution: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(extra)} unexpected (e.g. {extra[:3]})")
-    merged = truth.merge(sub, on="row_id", how="left", validate="one_to_one")
-    return competition_score(merged, details=details)
+    return truth.merge(sub, on="row_id", how="left", validate="one_to_one")

@@ -36,8 +36,8 @@ def info(path: str = PATH_ARG) -> None:
     index = c.index
     ratio = f"{s['compression_ratio']:.2f}" if s["compression_ratio"] else "n/a"
     typer.echo(f"cache {s['path']}  (format {s['format_version']}, created {s['created']})")
-    typer.echo(f"samples {s['samples']} of shape {tuple(s['sample_shape'])} uint8 from {s['studies']} studies; "
-               f"errors {s['errors']}")
+    studies = f"{s['studies']} stud{'y' if s['studies'] == 1 else 'ies'}"
+    typer.echo(f"samples {s['samples']} of shape {tuple(s['sample_shape'])} uint8 from {studies}; errors {s['errors']}")
     typer.echo(f"size on disk {s['bytes_on_disk'] / 1e6:.1f} MB; codec {s['codec']}; compression ratio {ratio} "
                "(raw bytes / bytes on disk)")
     typer.echo(_table("by condition:", index["condition"].value_counts().sort_index().to_dict()))
@@ -76,7 +76,7 @@ def verify(path: str = PATH_ARG) -> None:
 def show(
     path: str = PATH_ARG,
     study: int = typer.Option(..., help="study_id"),
-    condition: str = typer.Option(..., help="e.g. 'Spinal Canal Stenosis'"),
+    condition: str = typer.Option(..., help="e.g. 'Spinal Canal Stenosis', spinal_canal_stenosis or spinal"),
     level: str = typer.Option(..., help="e.g. 'L4/L5'"),
     row: int = typer.Option(0, help="which match, when several samples match (e.g. two series)"),
     out: Path | None = typer.Option(None, help="PNG to write (default: show_<study>_<condition>_<level>.png)"),

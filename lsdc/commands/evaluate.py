@@ -13,15 +13,18 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def evaluate(
-        inputs: Annotated[list[Path], typer.Argument(help="Run directories (their oof.parquet) or OOF .parquet files; "
-                                                   "several are pooled, repeated samples averaged.")],
-        labels: Annotated[Optional[Path], typer.Option(help="train.csv-format labels (override the OOF's).")] = None,
+        inputs: Annotated[list[Path], typer.Argument(help="Run directories (their oof.parquet), OOF .parquet files or "
+                                                   "submission .csv files (with --labels); several are pooled, "
+                                                   "repeated samples averaged.")],
+        labels: Annotated[Optional[Path], typer.Option(help="train.csv-format labels: override the OOF's; the "
+                                                       "solution a submission .csv is scored against.")] = None,
         out: Annotated[Optional[Path], typer.Option(help="Where score.json / score.md go (default: the run "
                                                     "directory when exactly one is given).")] = None,
         calibrate: Annotated[bool, typer.Option(help="Fit one temperature per condition group on these predictions; "
                                                 "report before/after and write temperature.json.")] = False,
     ) -> None:
-        """The official competition score of out-of-fold predictions, plus balanced accuracy, recall and confusion."""
+        """The official competition score of out-of-fold predictions or of a submission, plus balanced accuracy,
+        recall and confusion."""
         from lsdc.commands.errors import user_errors
         from train.evaluate import evaluate as run_evaluate
 
@@ -37,3 +40,8 @@ def register(app: typer.Typer) -> None:
         ba = result["overall"]["balanced_accuracy"]
         typer.echo(f"balanced accuracy {ba:.3f} over {result['n_scored']} labelled samples"
                    if ba is not None else "no labelled samples")
+        if "written_to" in result:
+            files = "score.json, score.md" + (", temperature.json" if "temperature" in result else "")
+            typer.echo(f"wrote {files} (recall, confusion, per level and fold) to {result['written_to']}")
+        else:
+            typer.echo("nothing written: pass --out DIR for score.json and score.md")

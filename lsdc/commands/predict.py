@@ -36,5 +36,6 @@ def register(app: typer.Typer) -> None:
             sub = run_predict(checkpoints, cache, out, sample_submission=sample_submission, tta=tta, device=device,
                               temperature=temperature)
         missing = pd.read_csv(missing_log(out))
-        typer.echo(f"wrote {out}: {len(sub)} rows ({len(missing)} filled with a prior, listed with its source in "
-                   f"{missing_log(out)})")
+        filled = (f"{len(missing)} filled with a prior, listed with its source in {missing_log(out)}" if len(missing)
+                  else "every one from the models")
+        typer.echo(f"wrote {out}: {len(sub)} rows ({filled})")

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         cache: Optional[Path] = typer.Argument(None, help="Crop cache made by `lsdc prep` (optional with --resume)."),
         out: Optional[Path] = typer.Argument(None, help="New run directory."),
         config: Optional[Path] = typer.Option(None, "--config", help="TrainConfig as .json or .toml."),
-        set_: list[str] = typer.Option([], "--set", help="Override any setting: --set lr_head=3e-4 (repeatable)."),
+        set_: list[str] = typer.Option([], "--set", help="Override any setting: --set lr_head=3e-4 (repeatable; "
+                                       "every setting: docs/training.md#settings)."),
         fold: Optional[str] = typer.Option(None, "--fold", help="Fold to train (0-based), or 'all'. Default: 0."),
         resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory exactly."),
         weights: Optional[Path] = typer.Option(None, "--weights", help="Local backbone weights (.safetensors/.pth)."),
