@@ -90,9 +90,14 @@ class CacheWriter:
         if leftovers and not _is_cache(root):
             raise CacheError(f"{root} exists and is not an lsdc cache ({leftovers[0].name} inside); "
                              "choose another output path")
+        if codec not in fmt.CODECS:  # before anything is deleted
+            raise ValueError(f"unknown codec {codec!r}; choose one of {list(fmt.CODECS)}")
         if leftovers and not clean and not _holds_samples(root):
-            log.info("%s holds no sample yet: replaced by this build", root)
-            clean = True
+            build = zarr.open_group(str(root), mode="r").attrs.get("build", {})
+            if (build.get("format_version"), build.get("config_hash"), tuple(build.get("shape", ()))) != \
+                    (fmt.FORMAT_VERSION, want_hash, shape):  # the same build resumes as usual
+                log.warning("%s holds no sample (built with other settings): replaced by this build", root)
+                clean = True
         if leftovers and clean:
             _clear(root)
         elif leftovers:
@@ -119,8 +124,6 @@ class CacheWriter:
 
     @classmethod
     def _new(cls, root: Path, shape: tuple[int, ...], config: dict[str, Any], chash: str, codec: str) -> CacheWriter:
-        if codec not in fmt.CODECS:
-            raise ValueError(f"unknown codec {codec!r}; choose one of {list(fmt.CODECS)}")
         root.mkdir(parents=True, exist_ok=True)
         build = {"format_version": fmt.FORMAT_VERSION, "finalised": False, "config_hash": chash, "config": config,
                  "shape": list(shape), "codec": codec}

@@ -49,10 +49,17 @@ ROLE_HINT = {"train": "install the train role (in lsdc's clone: the torch build 
 def missing_module_message(error: ModuleNotFoundError, argv: list[str]) -> str | None:
     """`lsdc <command>: needs <module>, not installed here: <how to install it>`, or None for a module no role
     provides (a bug, which keeps its traceback)."""
+    import importlib.util
+
     top = (error.name or "").split(".")[0]
     role = ROLE_OF_MODULE.get(top)
-    if role is None:
-        return None
+    if role is None or (top in sys.modules and sys.modules[top] is not None):
+        return None  # a broken or partial install of a package that is there: its traceback says more
+    try:
+        if importlib.util.find_spec(top) is not None:
+            return None
+    except (ImportError, ValueError):
+        pass
     words = [a for a in argv[1:3] if not a.startswith("-")]
     command = " ".join(words[:2] if words[:1] in (["cache"], ["bench"]) else words[:1])
     return f"lsdc {command}: needs {top}, which is not installed here; {ROLE_HINT[role]}"

@@ -20,6 +20,8 @@ GRID_TOLERANCE_PX = 0.05
 # Parallel blocks of one tilt (e.g. an L3/L4 and an L5/S1 block) are apart by more than this many times the median
 # slice spacing; a single missing slice (2x) keeps its block whole.
 GAP_FACTOR = 2.5
+# Slices closer than this (mm) repeat one position (a re-acquisition); MR slices are at least ~1 mm thick.
+DUPLICATE_MM = 0.5
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def block_of(positions: list[float], k: int) -> tuple[int, int]:
     """The contiguous block [start, stop) of ordered slice ``k``: split where two neighbours are more than
     GAP_FACTOR x the median spacing apart, so a parallel block across a gap never lends its slices as neighbours."""
     gaps = np.diff(np.asarray(positions, dtype=np.float64))
-    steps = gaps[gaps > 1e-3]  # repeated positions are not a spacing
+    steps = gaps[gaps > DUPLICATE_MM]  # repeated slices are not a spacing
     if len(steps) < 2 or not np.isfinite(steps).all():
         return 0, len(positions)
     breaks = np.flatnonzero(gaps > GAP_FACTOR * float(np.median(steps))) + 1  # first slice of each later block

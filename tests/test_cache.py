@@ -197,8 +197,14 @@ def test_resume_same_config_keeps_work_other_config_raises(tmp_path: Path) -> No
 def test_a_cache_without_a_sample_gives_way_to_other_settings(tmp_path: Path) -> None:
     # e.g. a test-split prep given the train coordinates: every row failed, so nothing is lost by replacing it
     path = tmp_path / "c"
-    cache.CacheWriter.create(path, n_rows=2, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
+    first = cache.CacheWriter.create(path, n_rows=2, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
+    first.save_task("series 1", [{"row": 0, "ok": False}])
+    again = cache.CacheWriter.create(path, n_rows=2, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
+    assert "series 1" in again.completed_tasks()  # the same build, even without a sample, resumes as usual
     other = {**h.CONFIG, "size": 64}
+    with pytest.raises(ValueError, match="unknown codec"):  # checked before anything is deleted
+        cache.CacheWriter.create(path, n_rows=3, slices=h.SLICES, size=h.SIZE, config=other, codec="zip")
+    assert "series 1" in again.completed_tasks()
     w = cache.CacheWriter.create(path, n_rows=3, slices=h.SLICES, size=h.SIZE, config=other)
     assert w.build_info["config_hash"] == cache.config_hash(other) and w.build_info["shape"][0] == 3
     h.write_rows(str(path), [0])  # one sample written: from now on it is refused as before

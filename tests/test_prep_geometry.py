@@ -69,6 +69,15 @@ def test_parallel_blocks_across_a_gap_lend_no_neighbours(tmp_path):
     assert [h.instance_number for h in stack_around(headers, 6, 3).slices] == [6, 6, 7]
 
 
+def test_near_duplicate_slices_do_not_split_a_block():
+    from prep.dicom import SliceHeader
+    # every position acquired twice, 0.01 mm apart (a re-acquisition): still one block of 4 mm steps
+    headers = [SliceHeader(f"/x/{k}.dcm", k + 1, 16, 16, (0.0, 0.0, 4.0 * (k // 2) + 0.01 * (k % 2)),
+                           AXIAL, (1.0, 1.0)) for k in range(10)]
+    stack = stack_around(headers, 5, 5)
+    assert [h.instance_number for h in stack.slices] == [3, 4, 5, 6, 7] and not any(stack.replicated)
+
+
 def test_a_missing_slice_does_not_split_its_block(tmp_path):
     write_series(tmp_path, [phantom(16, seed=k) for k in range(7)], [1, 2, 3, 4, 5, 6, 7], gap_mm=3.0)
     (tmp_path / "4.dcm").unlink()  # a 6 mm hole in 3 mm steps: still one block

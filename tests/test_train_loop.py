@@ -257,3 +257,7 @@ def test_cli_reports_user_errors_in_one_line(tiny, tmp_path):
     assert "Traceback" not in missing.output
     resume = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--epochs", "3"])
     assert resume.exit_code == 2 and "--epochs" in resume.output
+    (tmp_path / "bad.toml").write_text("epochs = 0\n")
+    bad = runner.invoke(app, ["train", str(tiny), str(tmp_path / "run"), "--config", str(tmp_path / "bad.toml")])
+    assert bad.exit_code == 2 and "epochs must be at least 1, got 0" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written

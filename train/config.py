@@ -244,7 +244,8 @@ def settings_markdown() -> str:
         fld = re.fullmatch(r"\s{4}(\w+): [^=]+ = (.+?)(?:  # (.*))?", line)
         if fld:
             name, default, note = fld.groups()
-            default = re.sub(r"field\(default_factory=(\w+)\)", lambda m: {"dict": "{}", "list": "[]"}[m.group(1)], default)
+            factory = re.fullmatch(r"field\(default_factory=(\w+)\)", default)
+            default = {"dict": "{}", "list": "[]"}[factory.group(1)] if factory else default
             note = (note or "").replace("|", "\\|")
             rows.append(f"| `{name}` | `{default.replace('|', '/')}` | {note} |")
     return "\n".join(rows) + "\n"

@@ -50,7 +50,10 @@ def register(app: typer.Typer) -> None:
             return
         if cache is None or out is None:
             raise typer.BadParameter("give CACHE and OUT (or --resume RUN_DIR)")
-        cfg = TrainConfig.from_file(config) if config is not None else TrainConfig()
+        try:  # a bad or missing --config file: one line, not a traceback
+            cfg = TrainConfig.from_file(config) if config is not None else TrainConfig()
+        except (ValueError, OSError) as e:
+            raise typer.BadParameter(f"--config {config}: {e}") from None
         d = cfg.to_dict()
         d.update({k: v for k, v in named.items() if v is not None})
         if fold is not None:
