@@ -72,6 +72,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def progress_interval() -> float:
+    """Seconds between progress-bar redraws: tqdm's 0.1 s on a terminal or in Jupyter; 30 s when stderr goes to a
+    file (`nohup lsdc train ... > log`), where every redraw is kept and would bury the epoch lines."""
+    import sys
+
+    interactive = getattr(sys.stderr, "isatty", lambda: False)() or "ipykernel" in sys.modules
+    return 0.1 if interactive else 30.0
+
+
 def progress_enabled(progress: bool | None = None) -> bool:
     """Progress bars on unless switched off by the caller or by LSDC_NO_PROGRESS=1/true/yes (tests set it)."""
     if progress is not None:

@@ -335,3 +335,16 @@ def test_import_cache_stays_light() -> None:
 def test_select_refuses_an_empty_condition(built: Path) -> None:
     with pytest.raises(ValueError, match="no condition named"):
         cache.open(built).select(condition="")
+
+
+def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch) -> None:
+    import io
+
+    from cache.io import progress_enabled, progress_interval
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # `lsdc train ... 2> log`: every redraw would be kept
+    assert progress_interval() == 30.0
+    monkeypatch.setitem(sys.modules, "ipykernel", object())  # Jupyter renders bars in place
+    assert progress_interval() == 0.1
+    monkeypatch.setenv("LSDC_NO_PROGRESS", "1")
+    assert not progress_enabled() and progress_enabled(True)
