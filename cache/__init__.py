@@ -8,6 +8,7 @@ Depends on numpy, zarr, pandas and pyarrow only (matplotlib only inside `show`).
 """
 
 from cache.format import (
+    CROP_SETTINGS,
     FORMAT_VERSION,
     CacheConfigMismatch,
     CacheError,
@@ -26,7 +27,7 @@ from cache.reader import CacheReader, open, verify
 from cache.writer import CacheWriter, build_lock
 
 __all__ = [
-    "FORMAT_VERSION", "CacheConfigMismatch", "CacheError", "CacheFormatError", "CacheLocked", "CacheNotFinalised",
+    "CROP_SETTINGS", "FORMAT_VERSION", "CacheConfigMismatch", "CacheError", "CacheFormatError", "CacheLocked", "CacheNotFinalised",
     "ChecksumError", "MissingChunkError", "checksum", "config_hash", "crop_differences", "crop_settings",
     "CacheReader", "open", "verify", "CacheWriter", "build_lock", "show",
 ]

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")  # dask's own schedulers; anything else is an address
 
 
+SUMMARY_KINDS = 12  # kinds of error listed in a build's summary; errors.parquet holds every one
+
+
 @dataclass
 class BuildResult:
     out: Path
@@ -56,9 +59,16 @@ class BuildResult:
                  f"({self.tasks} series tasks, {self.resumed} resumed) in {self.seconds:.1f} s ({rate:.1f} samples/s)"]
         if len(self.errors):
             lines.append(f"{len(self.errors)} errors (errors.parquet):")
-            by = self.errors.assign(why=self.errors["reason"].str.replace(r"\(.*", "", regex=True).str.strip())
-            for (stage, why), n in by.groupby(["stage", "why"]).size().sort_values(ascending=False).head(12).items():
-                lines.append(f"  {n:6d}  {stage:9s} {why}")
+            # one line per kind: a trailing "(...)" dropped and numbers as N, so "series 80 of study 8 ..." and
+            # "series 90 of study 9 ..." count together
+            why = (self.errors["reason"].astype(str).str.replace(r"\s*\([^()]*\)$", "", regex=True)
+                   .str.replace(r"\d+(?:\.\d+)?", "N", regex=True).str.strip())
+            kinds = self.errors.assign(why=why).groupby(["stage", "why"]).size().sort_values(ascending=False)
+            for (stage, kind), n in kinds.head(SUMMARY_KINDS).items():
+                lines.append(f"  {n:6d}  {stage:9s} {kind}")
+            if len(kinds) > SUMMARY_KINDS:
+                rest = kinds.iloc[SUMMARY_KINDS:]
+                lines.append(f"  ... and {len(rest)} more kinds ({int(rest.sum())} errors): see errors.parquet")
         if not self.finalised:
             lines.append("build stopped before finalising: rerun the same command to resume")
         return "\n".join(lines)

@@ -233,3 +233,20 @@ def test_local_cluster_workers_run_without_the_profiler_and_gpu_polling():
     assert seen == [False, False, "200ms", "2s", "500ms"]
     assert dask.config.get("distributed.admin.tick.interval") != "200ms"  # the caller's own config is left alone
     assert dask.config.get("distributed.diagnostics.nvml") is True  # and the driver may still watch its GPU
+
+
+def test_the_summary_counts_each_kind_of_error_and_says_when_it_lists_only_some():
+    import pandas as pd
+
+    from prep.build import SUMMARY_KINDS, BuildResult
+
+    reasons = [f"series {k} of study {k} is not in train_series_descriptions.csv" for k in range(5)]
+    reasons += ["coordinate (200.5, 42.69) outside the 160x160 image"]
+    reasons += [f"kind {chr(97 + k)} of trouble (details {k})" for k in range(SUMMARY_KINDS + 1)]
+    errors = pd.DataFrame({"stage": "tables", "reason": reasons})
+    text = BuildResult(Path("c"), 10, 4, errors, 2, 0, 1.0, True).summary()
+    assert f"{len(reasons)} errors (errors.parquet):" in text
+    assert "     5  tables    series N of study N is not in train_series_descriptions.csv" in text  # one kind
+    assert "coordinate (N, N) outside the NxN image" in text  # only a trailing "(...)" is cut
+    kinds = 2 + SUMMARY_KINDS + 1
+    assert f"... and {kinds - SUMMARY_KINDS} more kinds ({kinds - SUMMARY_KINDS} errors): see errors.parquet" in text
