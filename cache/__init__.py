@@ -28,6 +28,6 @@ from cache.writer import CacheWriter, build_lock
 
 __all__ = [
     "CROP_SETTINGS", "FORMAT_VERSION", "CacheConfigMismatch", "CacheError", "CacheFormatError", "CacheLocked",
-    "CacheNotFinalised", "ChecksumError", "MissingChunkError", "checksum", "config_hash", "crop_differences", "crop_settings",
-    "CacheReader", "open", "verify", "CacheWriter", "build_lock", "show",
+    "CacheNotFinalised", "ChecksumError", "MissingChunkError", "checksum", "config_hash", "crop_differences",
+    "crop_settings", "CacheReader", "open", "verify", "CacheWriter", "build_lock", "show",
 ]
