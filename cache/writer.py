@@ -92,17 +92,15 @@ class CacheWriter:
                              "choose another output path")
         if codec not in fmt.CODECS:  # before anything is deleted
             raise ValueError(f"unknown codec {codec!r}; choose one of {list(fmt.CODECS)}")
-        if leftovers and not clean and not _holds_samples(root):
-            build = zarr.open_group(str(root), mode="r").attrs.get("build", {})
-            if (build.get("format_version"), build.get("config_hash"), tuple(build.get("shape", ()))) != \
-                    (fmt.FORMAT_VERSION, want_hash, shape):  # the same build resumes as usual
-                log.warning("%s holds no sample (built with other settings): replaced by this build", root)
-                clean = True
+        build = zarr.open_group(str(root), mode="r").attrs.get("build", {}) if leftovers and not clean else {}
+        built_as = (build.get("format_version"), build.get("config_hash"), tuple(build.get("shape", ())))
+        if build and built_as != (fmt.FORMAT_VERSION, want_hash, shape) and not _holds_samples(root):
+            log.warning("%s holds no sample (built with other settings): replaced by this build", root)
+            clean = True  # (the same build, even with no sample yet, resumes as usual)
         if leftovers and clean:
             _clear(root)
         elif leftovers:
             writer = cls(root)
-            build = zarr.open_group(str(root), mode="r").attrs.get("build", {})
             have_hash, have_shape = build.get("config_hash"), tuple(build.get("shape", ()))
             if build.get("format_version") != fmt.FORMAT_VERSION:
                 raise CacheConfigMismatch(

@@ -53,13 +53,12 @@ def missing_module_message(error: ModuleNotFoundError, argv: list[str]) -> str |
 
     top = (error.name or "").split(".")[0]
     role = ROLE_OF_MODULE.get(top)
-    if role is None or (top in sys.modules and sys.modules[top] is not None):
-        return None  # a broken or partial install of a package that is there: its traceback says more
     try:
-        if importlib.util.find_spec(top) is not None:
-            return None
+        installed = importlib.util.find_spec(top) is not None
     except (ImportError, ValueError):
-        pass
+        installed = False
+    if role is None or installed:
+        return None  # not a role's module, or a broken install of one that is there: its traceback says more
     words = [a for a in argv[1:3] if not a.startswith("-")]
     command = " ".join(words[:2] if words[:1] in (["cache"], ["bench"]) else words[:1])
     return f"lsdc {command}: needs {top}, which is not installed here; {ROLE_HINT[role]}"
