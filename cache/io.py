@@ -81,6 +81,11 @@ def progress_interval() -> float:
     return 0.1 if interactive else 30.0
 
 
+def progress_options(progress: bool | None = None) -> dict[str, Any]:
+    """tqdm's on/off and redraw interval for every lsdc progress bar: `tqdm(..., **progress_options(progress))`."""
+    return {"disable": not progress_enabled(progress), "mininterval": progress_interval()}
+
+
 def progress_enabled(progress: bool | None = None) -> bool:
     """Progress bars on unless switched off by the caller or by LSDC_NO_PROGRESS=1/true/yes (tests set it)."""
     if progress is not None:

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 import cache
-from cache.io import progress_enabled, progress_interval
+from cache.io import progress_enabled, progress_options
 from cache.format import INDEX_COLUMNS
 from prep.config import PrepConfig
 from prep.samples import errors_frame, read_samples, split_studies
@@ -171,8 +171,8 @@ def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, ad
         futures = client.map(run_task, tasks, out=out, config=config, pure=False,
                              key=[f"lsdc-prep-{t['key']}-{i}" for i, t in enumerate(tasks)])
         task_of = {f.key: t for f, t in zip(futures, tasks)}
-        for future in tqdm(as_completed(futures), total=len(futures), disable=not progress, desc="prep", unit="series",
-                           mininterval=progress_interval()):
+        for future in tqdm(as_completed(futures), total=len(futures), desc="prep", unit="series",
+                           **progress_options(progress)):
             task = task_of[future.key]
             try:
                 records = future.result()

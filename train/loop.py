@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import cache
-from cache.io import atomic_write, atomic_write_json, json_safe, progress_enabled, progress_interval, read_jsonl
+from cache.io import atomic_write, atomic_write_json, json_safe, progress_options, read_jsonl
 from cache.rsna import LABELS, PROB_COLUMNS
 from train import folds as folds_mod
 from train.augment import augment_batch
@@ -72,7 +72,7 @@ def train_one_epoch(model, raw: LSDCModel, loader, opt, sched, scaler, loss_fn, 
     model.train()
     total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (loss * n, n) kept on the device: no sync
     t0 = time.time()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=_quiet(rt), mininterval=progress_interval())
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, **progress_options(None if rt.master else False))
     for step, batch in enumerate(bar):
         b = to_device(batch, rt.device, cfg.image_size)
         x, condition = augment_batch(b["image"], b["condition"], cfg, gen)
@@ -382,10 +382,6 @@ def training_mix(ds, conditions: tuple[str, ...]) -> dict[str, list[float]]:
 def _has_progress(run_dir: Path) -> bool:
     """Whether a run directory holds anything worth keeping: a checkpoint or a finished fold."""
     return any(run_dir.glob("fold*/last.pt")) or any(run_dir.glob("fold*/oof.parquet"))
-
-
-def _quiet(rt: Runtime) -> bool:
-    return not rt.master or not progress_enabled()
 
 
 def _finite(x: float | None, default: float) -> float:

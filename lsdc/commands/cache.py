@@ -53,17 +53,13 @@ def info(path: str = PATH_ARG) -> None:
 def verify(path: str = PATH_ARG) -> None:
     """Check that every index row has its data and its checksum matches; exit 1 and list the bad rows otherwise."""
     import cache
-    from cache.io import progress_enabled, progress_interval
+    from tqdm import tqdm
+
+    from cache.io import progress_options
 
     c = _open(path)
-    bar = None
-    if progress_enabled():
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(c), desc="verify", unit="sample", mininterval=progress_interval())
-    bad = cache.verify(c, on_row=(lambda n: bar.update(1)) if bar else None)
-    if bar:
-        bar.close()
+    with tqdm(total=len(c), desc="verify", unit="sample", **progress_options()) as bar:
+        bad = cache.verify(c, on_row=lambda n: bar.update(1))
     if len(bad) == 0:
         typer.echo(f"ok: all {len(c)} samples present and matching their checksums")
         return

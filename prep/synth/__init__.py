@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.io import atomic_write_bytes, atomic_write_json, progress_enabled, progress_interval
+from cache.io import atomic_write_bytes, atomic_write_json, progress_options
 from prep.synth.tables import draw_labels, read_real, write_tables
 
 __all__ = ["SynthConfig", "synth", "load_phantom"]
@@ -156,8 +156,7 @@ def synth(out_dir: str | os.PathLike, studies: int = 50, seed: int = 0, image_si
 def _render_all(studies: list[dict], out: Path, cfg: SynthConfig, workers: int, progress: bool | None) -> int:
     from tqdm import tqdm
 
-    bar = tqdm(total=len(studies), desc="synth", unit="study", disable=not progress_enabled(progress),
-               mininterval=progress_interval())
+    bar = tqdm(total=len(studies), desc="synth", unit="study", **progress_options(progress))
     total = 0
     if workers <= 1:
         for s in studies:
