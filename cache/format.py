@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from cache.errors import UserError
 from cache.rsna import CONDITIONS, LEVELS, SERIES_DESCRIPTIONS
 
 # v2: the index checksum is sha256-128 (v1: blake2b-128); chunks and tables are unchanged.
@@ -102,8 +103,8 @@ ERRORS_SCHEMA = pa.schema([
 ERRORS_COLUMNS: tuple[str, ...] = tuple(ERRORS_SCHEMA.names)
 
 
-class CacheError(Exception):
-    """Base of every cache problem."""
+class CacheError(UserError):
+    """Base of every cache problem (a UserError: the CLI reports it in one line)."""
 
 
 class CacheNotFinalised(CacheError):

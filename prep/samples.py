@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cache.errors import InputError
 from cache.rsna import CONDITIONS, LABEL_COLUMNS, LEVELS, SERIES_DESCRIPTIONS, label_code, label_column
 from prep.config import PrepConfig
 
@@ -30,7 +31,7 @@ def is_id(text: object) -> bool:
     return _INT.fullmatch(str(text)) is not None and int(str(text)) < 2**63
 
 
-class TableError(ValueError):
+class TableError(InputError):
     """A table that cannot be read at all (missing, empty, wrong header)."""
 
     def __init__(self, path: str | Path, reason: str):
