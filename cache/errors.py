@@ -19,7 +19,7 @@ class UserError(Exception):
 
 
 class SettingError(UserError, ValueError):
-    """A config value (PrepConfig, TrainConfig, a CLI option) that cannot be right: non-finite, out of range, unknown."""
+    """A config value (PrepConfig, TrainConfig, a CLI option) that cannot be right: non-finite, out of range."""
 
 
 class InputError(UserError, ValueError):

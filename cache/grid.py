@@ -53,9 +53,9 @@ def draw(reader: CacheReader, i: int = 0, windows: list[str] | None = None, scal
     """
     try:
         from matplotlib.figure import Figure  # not pyplot: no global figure state, works with any backend
-    except ImportError as e:  # the base and prep installs have no matplotlib
-        raise ImportError("drawing a sample needs matplotlib: pip install '.[notebook]' in lsdc's clone (or "
-                          "pip install matplotlib)") from e
+    except ImportError as e:  # the base and prep installs have no matplotlib; the CLI names the role to install
+        raise ModuleNotFoundError("drawing a sample needs matplotlib: pip install '.[notebook]' in lsdc's clone (or "
+                                  "pip install matplotlib)", name="matplotlib") from e
 
     stack = reader[i]
     rec = reader.index.iloc[int(i)]

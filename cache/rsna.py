@@ -5,6 +5,8 @@ Every stage speaks these names, so they live in the contract package that prep a
 
 from __future__ import annotations
 
+from cache.errors import SettingError
+
 CONDITIONS: tuple[str, ...] = (
     "Spinal Canal Stenosis",
     "Left Neural Foraminal Narrowing",
@@ -85,7 +87,7 @@ def parse_condition(text: str) -> str:
     'spinal' -> 'Spinal Canal Stenosis'. A group of two ('foraminal') raises, naming its members."""
     found = expand_conditions([text])
     if len(found) != 1:
-        raise ValueError(f"{text!r} means {len(found)} conditions {list(found)}: name one")
+        raise SettingError(f"{text!r} means {len(found)} conditions {list(found)}: name one")
     return found[0]
 
 
@@ -103,11 +105,11 @@ def expand_conditions(parts) -> tuple[str, ...]:
         key = slug(part)
         found = [c for c in CONDITIONS if key in (slug(c), CONDITION_GROUP[c], "all")]
         if not found:
-            raise ValueError(f"unknown condition {part!r}; expected a name or snake_case name of {list(CONDITIONS)}, "
+            raise SettingError(f"unknown condition {part!r}; expected a name or snake_case name of {list(CONDITIONS)}, "
                              f"a group ({', '.join(sorted(set(CONDITION_GROUP.values())))}) or 'all'")
         out += found
     if parts and not out:
-        raise ValueError(f"no condition named in {parts!r}")
+        raise SettingError(f"no condition named in {parts!r}")
     return tuple(out)
 
 
@@ -115,5 +117,5 @@ def parse_level(text: str) -> str:
     """A level from 'L4/L5', 'l4_l5' or 'L4-L5': -> 'L4/L5'."""
     found = {slug(lv): lv for lv in LEVELS}.get(slug(text.strip().replace("-", "/")))
     if found is None:
-        raise ValueError(f"unknown level {text!r}; expected one of {list(LEVELS)} (or l4_l5 style)")
+        raise SettingError(f"unknown level {text!r}; expected one of {list(LEVELS)} (or l4_l5 style)")
     return found

@@ -1,21 +1,60 @@
 """`lsdc`: one console command, thin subcommands over plain functions a notebook can call.
 
-Each subcommand module imports only typer and the standard library at import time; the heavy stacks (pydicom,
-dask, torch, timm) are imported inside the command that needs them, so `lsdc --help` is instant and
-`lsdc prep` runs on a box without torch.
+Each subcommand module imports only typer, the standard library and the light config modules at import time; the
+heavy stacks (pydicom, dask, torch, timm, zarr, pandas) are imported inside the command that needs them, so
+`lsdc --help` is instant and `lsdc prep` runs on a box without torch.
+
+Every command fails the same way (`LsdcGroup`): a mistake of the user's (`cache.errors.UserError`: a bad path,
+setting, table, cache or checkpoint; or the machine's: a full or read-only disk) is one red line
+`lsdc <command>: <what, and the fix>` and exit 2; a missing optional dependency names the role to install (exit 2);
+anything else is a bug and keeps its traceback. `LSDC_DEBUG=1` shows the traceback for user errors too.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from lsdc.commands import bench, cache, demo, evaluate, predict, prep, synth, train
 
+
+class LsdcGroup(TyperGroup):
+    """The top-level group: the one place errors that escape a command become what the user reads."""
+
+    def invoke(self, ctx: click.Context):
+        words = [w for w in (*getattr(ctx, "_protected_args", ()), *ctx.args) if not w.startswith("-")]
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # typer's and click's own control flow and usage errors
+        except Exception as e:  # noqa: BLE001 - sorted below: a bug is re-raised untouched
+            message = user_message(e, command_name(words))
+            if message is None or os.environ.get("LSDC_DEBUG", "") not in ("", "0"):
+                raise
+        typer.secho(message, fg="red", err=True)
+        raise typer.Exit(2)
+
+
+def command_name(words: list[str]) -> str:
+    """'cache verify' for the sub-apps (cache, bench), else the command: what the error line starts with."""
+    return " ".join(words[:2] if words[:1] in (["cache"], ["bench"]) else words[:1])
+
+
+def user_message(e: Exception, command: str) -> str | None:
+    """The one line a user reads for an exception, or None for a bug (which keeps its traceback)."""
+    from cache.errors import is_user_error, one_line
+
+    if isinstance(e, ModuleNotFoundError):
+        return missing_module_message(e, command)
+    return f"lsdc {command}: {one_line(e)}" if is_user_error(e) else None
+
+
 app = typer.Typer(
     name="lsdc",
+    cls=LsdcGroup,
     help="RSNA 2024 lumbar spine pipeline: [b]synth[/b] -> [b]prep[/b] (DICOM -> Zarr crop cache) -> "
     "[b]train[/b] -> [b]evaluate[/b] / [b]predict[/b].",
     rich_markup_mode="rich",
@@ -46,7 +85,7 @@ ROLE_HINT = {"train": "install the train role (in lsdc's clone: the torch build 
              "notebook": "install the notebook role (in lsdc's clone: pip install '.[notebook]')"}
 
 
-def missing_module_message(error: ModuleNotFoundError, argv: list[str]) -> str | None:
+def missing_module_message(error: ModuleNotFoundError, command: str) -> str | None:
     """`lsdc <command>: needs <module>, not installed here: <how to install it>`, or None for a module no role
     provides (a bug, which keeps its traceback)."""
     import importlib.util
@@ -59,21 +98,12 @@ def missing_module_message(error: ModuleNotFoundError, argv: list[str]) -> str |
         installed = False
     if role is None or installed:
         return None  # not a role's module, or a broken install of one that is there: its traceback says more
-    words = [a for a in argv[1:3] if not a.startswith("-")]
-    command = " ".join(words[:2] if words[:1] in (["cache"], ["bench"]) else words[:1])
     return f"lsdc {command}: needs {top}, which is not installed here; {ROLE_HINT[role]}"
 
 
 def main() -> None:
-    """The console command: the typer app, with a missing optional dependency told as the role to install."""
-    try:
-        app()
-    except ModuleNotFoundError as e:
-        message = missing_module_message(e, sys.argv)
-        if message is None or os.environ.get("LSDC_DEBUG", "") not in ("", "0"):
-            raise
-        typer.secho(message, fg="red", err=True)
-        raise SystemExit(2) from None
+    """The console command."""
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,24 +13,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache.errors import InputError
 from cache.io import atomic_write_json, atomic_write_text, read_jsonl
 from cache.rsna import CONDITIONS
 
 
 @dataclass
 class DemoConfig:
-    studies: int = 80
-    seed: int = 0
+    studies: int = 80  # synthetic training studies (the test split adds 10 %)
+    seed: int = 0  # seed of the synthetic data
     image_size: tuple[int, int] = (256, 384)  # synthetic DICOM sizes (the real data is 320-640 px; smaller = faster)
     difficulty: float = 0.2  # grade overlap: at 0.5 neighbouring grades overlap enough to cap BA near 0.9
     conditions: tuple[str, ...] = CONDITIONS  # one model for all 5 (condition embedding): 25 samples per study
     crop_size: int = 64  # crop side in pixels (v8: 256); the CPU pays per pixel
-    crop_mm: float | None = 48.0  # crop side in mm; None = v8's 0.75 x base. Top solutions use ~50 mm boxes
-    backbone: str = "mobilenetv3_small_050"  # ~0.6 M parameters: fast enough to learn from scratch on 2 cores
-    epochs: int = 30
+    crop_scale: float = 1.0  # PrepConfig's: the crop's half-side is crop_scale x crop_base_mm
+    crop_base_mm: float = 24.0  # a 48 mm box, as top solutions use (~50 mm); v8's is 0.75 x 170 mm
+    backbone: str = "mobilenetv3_small_050"  # timm model trained from scratch (~0.6 M parameters: fast on 2 cores)
+    epochs: int = 30  # training epochs of the grader
     lr: float = 2e-3  # from scratch (no pretrained weights offline), so much higher than v8's fine-tuning rates
     batch_size: int = 16
-    workers: int = 2
+    workers: int = 2  # processes for synth and prep
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,7 +72,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     else:
         _stage("synth", timings, synth, data, studies=cfg.studies, seed=cfg.seed, image_size=cfg.image_size,
                difficulty=cfg.difficulty, workers=cfg.workers)
-    crop = {} if cfg.crop_mm is None else {"crop_scale": 1.0, "crop_base_mm": cfg.crop_mm / 2}
+    crop = {"crop_scale": cfg.crop_scale, "crop_base_mm": cfg.crop_base_mm}
     prep_cfg = PrepConfig(conditions=cfg.conditions, size=cfg.crop_size, **crop)
     built = _stage("prep (train split)", timings, build, data, train_cache, prep_cfg, workers=cfg.workers)
     print(built.summary())
@@ -110,7 +112,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     return figures
 
 
-class DemoSettingsDiffer(ValueError):
+class DemoSettingsDiffer(InputError):
     """The output folder holds a demo made with other settings."""
 
 
@@ -146,7 +148,8 @@ def _write_report(out: Path, cfg: DemoConfig, f: dict[str, Any]) -> None:
     lines = [
         "# lsdc demo", "",
         f"{cfg.studies} synthetic studies (seed {cfg.seed}), conditions: {', '.join(cfg.conditions)}; "
-        f"crops {cfg.crop_size} px over {cfg.crop_mm} mm; backbone {cfg.backbone} from scratch, {cfg.epochs} epochs "
+        f"crops {cfg.crop_size} px over {2 * cfg.crop_scale * cfg.crop_base_mm:g} mm; backbone {cfg.backbone} from "
+        f"scratch, {cfg.epochs} epochs "
         "on the CPU, fold 0.", "",
         "| figure | value |", "|---|---|",
         f"| validation balanced accuracy (best epoch, {b['epoch']}) | {b['ba']:.3f} |",

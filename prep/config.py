@@ -62,9 +62,9 @@ class PrepConfig:
     # on a typical RSNA sagittal scan (512 px at ~0.66 mm) that is ~127 mm, so crop_base_mm = 170 reproduces it
     # (0.75 * 170 = 127.5 mm = 192 px at 0.664 mm/px) while staying the same size in mm on every scan.
     # Top solutions use ~50 mm boxes: crop_scale=1, crop_base_mm=25.
-    crop_scale: float = 0.75
-    crop_base_mm: float = 170.0
-    windows: tuple[Window, ...] = DEFAULT_WINDOWS
+    crop_scale: float = 0.75  # the crop's half-side in mm is crop_scale x crop_base_mm (seed: 0.75)
+    crop_base_mm: float = 170.0  # base half-side in mm (170: the seed's 192 px on a 0.66 mm scan)
+    windows: tuple[Window, ...] = DEFAULT_WINDOWS  # three NAME:LO:HI percentile windows of the stack's intensities
     clahe_clip: float = 2.0  # per window channel; 0 disables CLAHE
     clahe_tiles: int = 8  # tiles per side (8 x 8)
     percentile_stride: int = 2  # window percentiles from every k-th row of the stack's slices (2: within ~1 % of range)

@@ -96,7 +96,7 @@ def kill_9(proc: subprocess.Popen) -> set[int]:
 
 
 def prep_argv(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["prep", str(data), str(out), "--size", "32", "--crop-scale", "1", "--crop-mm", "20", "--no-progress",
+    return ["prep", str(data), str(out), "--size", "32", "--crop-scale", "1", "--crop-base-mm", "20", "--no-progress",
             *extra]
 
 
@@ -236,8 +236,9 @@ class Pausing:
                 Path(sys.argv[1]).touch()
                 time.sleep(3600)
             yield batch
-def train_one_epoch(model, raw, loader, *args, desc, **kwargs):
-    return real(model, raw, Pausing(loader) if desc.endswith("epoch 1") else loader, *args, desc=desc, **kwargs)
+def train_one_epoch(task, model, training, loader, *args, desc, **kwargs):
+    return real(task, model, training, Pausing(loader) if desc.endswith("epoch 1") else loader, *args, desc=desc,
+                **kwargs)
 loop.train_one_epoch = train_one_epoch
 from lsdc.cli import app
 app(sys.argv[2:], prog_name="lsdc")

@@ -171,7 +171,7 @@ def test_nothing_built_is_a_failure_and_cli_reports(data, tmp_path):
     from lsdc.cli import app
 
     runner = CliRunner()
-    args = ["prep", str(data), str(tmp_path / "c"), "--size", "32", "--crop-mm", "20", "--crop-scale", "1",
+    args = ["prep", str(data), str(tmp_path / "c"), "--size", "32", "--crop-base-mm", "20", "--crop-scale", "1",
             "--scheduler", "synchronous", "--no-progress", "--studies", "1"]
     ok = runner.invoke(app, args)
     assert ok.exit_code == 0, ok.output

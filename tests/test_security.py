@@ -237,10 +237,11 @@ def test_no_source_file_unpickles_anything():
     assert len(sources) > 40 and "train/loop.py" in sources and "cache/reader.py" in sources
     found = {name: hits for name, src in sources.items() if (hits := unpickling_calls(src))}
     assert found == {}
-    # the checkpoint readers exist and were scanned: each is a torch.load(..., weights_only=True)
-    safe_loads = [n for n, src in sources.items() for c in ast.walk(ast.parse(src)) if isinstance(c, ast.Call)
-                  and ast.unparse(c.func) == "torch.load" and _is_true(_kw(c, "weights_only"))]
-    assert {"train/loop.py", "train/infer.py"} <= set(safe_loads)
+    # the one checkpoint reader exists and was scanned: a torch.load(..., weights_only=True) in train/checkpoint.py,
+    # and no other module calls torch.load at all (one way to load a checkpoint)
+    loads = [(n, _is_true(_kw(c, "weights_only"))) for n, src in sources.items() for c in ast.walk(ast.parse(src))
+             if isinstance(c, ast.Call) and ast.unparse(c.func) == "torch.load"]
+    assert loads == [("train/checkpoint.py", True)]
 
 
 class _Payload:
@@ -256,7 +257,8 @@ class _Payload:
 def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     import torch
 
-    from train.infer import load_checkpoint, model_from_checkpoint
+    from cache.errors import InputError
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "best.pt"
@@ -264,8 +266,8 @@ def test_a_checkpoint_carrying_code_is_refused(tmp_path):
     pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live: plain unpickling runs it
     assert marker.is_dir()
     marker.rmdir()
-    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed"):
+    with pytest.raises(InputError, match="is not an lsdc checkpoint .*[Ww]eights only load failed"):
         load_checkpoint(evil)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(InputError):
         model_from_checkpoint(evil)
     assert not marker.exists()

@@ -54,7 +54,7 @@ def test_docs_list_every_setting_as_the_dataclass_says():
     assert f"<!-- settings:start -->\n{table}<!-- settings:end -->" in docs, \
         "docs/training.md's settings table is stale: paste train.config.settings_markdown() between its markers"
     names = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
-    assert names == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig)) and len(set(names)) == len(names)
     assert "| `epochs` | `25` | training epochs |" in table
 
 
@@ -292,28 +292,31 @@ def test_dataset_streaming_equals_in_memory_and_uint8_becomes_float_on_device(tm
     assert to_device(batch, torch.device("cpu"), image_size=48)["image"].shape == (4, 3, 3, 48, 48)
 
 
-def test_best_checkpoint_rules_and_early_stop(tmp_path):
-    from train.loop import _select_and_monitor, lr_factor
+def test_best_checkpoint_rules_and_early_stop():
+    from types import SimpleNamespace
+
+    from train.grade import GraderTask
+    from train.loop import FoldState, lr_factor, select
 
     def rec(epoch, ba, recall, score):
         return {"fold": 0, "epoch": epoch, "ba": ba, "recall": recall, "score": score, "dead_classes": [],
                 "pred_counts": [5, 5, 5]}
 
+    reader = SimpleNamespace(index=None)
     history = [rec(0, 0.70, [0.9, 0.10, 0.9], 0.9), rec(1, 0.60, [0.8, 0.25, 0.5], 0.8),
                rec(2, 0.65, [0.8, 0.30, 0.6], 1.0), rec(3, 0.90, [1.0, 0.15, 1.0], 0.5)]
-    for rule, best, stop in (("v8", [True, True, True, False], None), ("score", [True, True, False, True], None)):
-        state = {"best_key": None, "best_epoch": -1, "bad_epochs": 0, "dead_streak": 0}
-        cfg = TrainConfig(best_rule=rule, patience=3)
+    for rule, best in (("v8", [True, True, True, False]), ("score", [True, True, False, True])):
+        task, state = GraderTask(TrainConfig(best_rule=rule, patience=3), reader), FoldState()
         marks = []
         for r in history:
-            r = dict(r)
-            assert _select_and_monitor(r, state, cfg, tmp_path) is stop
-            marks.append(r["best"])
+            is_best, stop = select(task.selection_key(r), r["epoch"], state, 3, task.selection)
+            assert stop is None
+            marks.append(is_best)
         assert marks == best  # v8: epoch 3's 0.90 BA loses, its Moderate recall 0.15 is under the 0.20 floor
-    state = {"best_key": None, "best_epoch": -1, "bad_epochs": 0, "dead_streak": 0}
-    reasons = [_select_and_monitor(dict(history[0], epoch=e), state, TrainConfig(patience=2), tmp_path)
-               for e in range(3)]
+    task, state = GraderTask(TrainConfig(patience=2), reader), FoldState()
+    reasons = [select(task.selection_key(history[0]), e, state, 2, task.selection)[1] for e in range(3)]
     assert reasons == [None, None, "no better v8 selection metric for 2 epochs"]
+    assert (state.best_epoch, state.bad_epochs) == (0, 2)
 
     cfg = TrainConfig(epochs=10, warmup_epochs=2, swa_start=8, swa_lr=5e-6)
     f = [lr_factor(s, 10, cfg, 1e-4) for s in range(100)]
@@ -337,13 +340,13 @@ def test_conditions_are_named_as_everywhere_in_lsdc():
 def test_training_on_a_cache_without_labels_says_what_to_build():
     from types import SimpleNamespace
 
-    from train.loop import resolve_config
+    from train.grade import GraderTask
 
     index = pd.DataFrame({"row": [0, 1], "condition": "Spinal Canal Stenosis", "level": ["L1/L2", "L2/L3"],
                           "label": pd.array([None, None], dtype="Int8")})
     reader = SimpleNamespace(index=index, manifest={"config": {"split": "test"}})
     with pytest.raises(ValueError, match=r"no labelled samples .* test split\): train needs a cache of the train"):
-        resolve_config(TrainConfig(), reader)
+        GraderTask.resolve_config(TrainConfig(), reader)
 
 
 def test_an_unknown_backbone_names_close_ones():

@@ -1,19 +1,29 @@
-"""TrainConfig: every training setting in one dataclass. The defaults are the v8 notebook's settings.
+"""The settings of every model lsdc trains, one dataclass each, and the one way they are merged and checked.
 
-A run writes its resolved config (plus the cache's config hash) to `config.json`, so a run directory always says
-exactly how it was made. Override from a file (`--config run.toml` / `.json`) or the CLI (`--set key=value`).
+`LoopConfig` holds what the one training loop (train/loop.py) reads: optimisation, folds, the run. Each model adds
+its own settings in a subclass: `TrainConfig` (the grader; its defaults are the v8 notebook's settings) and, for the
+localiser, `LocateConfig` (train/locate_config.py). A run writes its resolved config (plus the cache's config hash)
+to `config.json`, so a run directory always says exactly how it was made.
+
+Where a value comes from, lowest first: the dataclass default, a `--config` file (.json / .toml), a named CLI option,
+`--set key=value` (`LoopConfig.resolve` merges them, for the CLI and notebooks alike). Every value is checked on
+construction: a non-finite number or one out of range is a `SettingError` naming the setting, before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from cache import settings as cache_settings
+from cache.errors import MissingInput, SettingError
 from cache.rsna import CONDITION_SERIES, CONDITION_SIDE, expand_conditions
 
 AGGREGATORS = ("weighted", "attention", "bigru")
@@ -22,14 +32,137 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    # --- optimisation ---
+    epochs: int = 25  # training epochs
+    batch_size: int = 12  # samples per step and device (v8: 12)
+    lr_backbone: float = 1e-5  # peak learning rate of the backbone (AdamW)
+    lr_head: float = 1e-4  # peak learning rate of everything after the backbone
+    weight_decay: float = 0.03  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip (0 = off)
+    warmup_epochs: float = 2.0  # linear warm-up, then cosine to 0
+    freeze_epochs: int = 2  # backbone frozen (weights and BN statistics) for the first N epochs
+    swa_start: int | None = 18  # epoch from which weights are averaged (SWA) at a constant swa_lr
+    swa_lr: float = 5e-6  # constant learning rate during SWA
+    ema_decay: float | None = None  # EMA instead of SWA: e.g. 0.999 (per step); set swa_start=None with it
+    amp: str = "auto"  # 'auto': bf16 where supported, else fp16 + GradScaler; off on CPU
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model
+    # --- validation ---
+    folds: int = 5  # cross-validation folds, grouped by study
+    fold: int | None = 0  # v8 trained fold 0 only; None = every fold
+    patience: int | None = 12  # early stop after N epochs without a better selection metric
+    # --- run ---
+    workers: int = 2  # loader worker processes (0 = read in the main process)
+    seed: int = 42  # seeds folds, weights init, sampling and augmentation
+    deterministic: bool = False  # deterministic kernels (slower): a resumed run then equals an uninterrupted one
+    device: str = "auto"  # 'auto' | 'cuda' | 'cuda:1' | 'cpu'
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
+
+    # What config.json and checkpoints call this kind of model (the loop picks its task by it).
+    kind: ClassVar[str] = "loop"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse what cannot be right before anything runs: non-finite numbers, counts and rates out of range."""
+        for name, value in dataclasses.asdict(self).items():
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise SettingError(f"{name} must be a finite number, got {value!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("folds", 2), ("freeze_epochs", 0),
+                          ("patience", 1), ("warmup_epochs", 0), ("lr_backbone", 0), ("weight_decay", 0),
+                          ("grad_clip", 0), ("lr_head", 0), ("swa_lr", 0)):
+            _at_least(name, getattr(self, name), low)
+        if self.amp not in AMP_MODES:
+            raise SettingError(f"amp {self.amp!r} not in {AMP_MODES}")
+        if self.ema_decay is not None and self.swa_start is not None:
+            raise SettingError("choose EMA (ema_decay) or SWA (swa_start), not both: set the other to None")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise SettingError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        _at_least("swa_start", self.swa_start, 0)  # at or beyond `epochs`: no averaging in this run
+        if self.fold is not None and not 0 <= self.fold < self.folds:
+            raise SettingError(f"fold {self.fold} is outside 0..{self.folds - 1}")
+
+    # --- (de)serialisation ---
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only (lists, not tuples): it goes into config.json and into checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> typing.Self:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SettingError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> typing.Self:
+        """A .json file, or a .toml file (top level or a [train] / [locate] table)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MissingInput(f"no config file at {path}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                d = tomllib.loads(text)
+                d = d.get(cls.kind, d.get("train", d))
+            elif path.suffix == ".json":
+                d = json.loads(text)
+            else:
+                raise SettingError(f"{path}: config files must be .json or .toml")
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise SettingError(f"{path}: not valid {path.suffix[1:].upper()} ({e})") from None
+        if not isinstance(d, dict):
+            raise SettingError(f"{path}: expected a table of settings, got {type(d).__name__}")
+        for written_beside in ("cache_config_hash", "cache", "kind"):  # a run's config.json holds these too
+            d.pop(written_beside, None)
+        try:
+            return cls.from_dict(d)
+        except SettingError as e:
+            raise SettingError(f"{path}: {e}") from None
+
+    def with_overrides(self, assignments: Sequence[str]) -> typing.Self:
+        """Apply CLI `key=value` strings; values parse as JSON when they can ('1e-4', 'null', '[1,3,6]')."""
+        d = self.to_dict()
+        for a in assignments:
+            key, sep, value = a.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not key:
+                raise SettingError(f"--set expects key=value, got {a!r}")
+            if key not in d:
+                raise SettingError(f"--set {a!r}: unknown key {key!r}; known keys: {sorted(d)}")
+            d[key] = _parse_value(value.strip())
+        return type(self).from_dict(d)
+
+    @classmethod
+    def resolve(cls, file: str | Path | None = None, options: dict[str, Any] | None = None,
+                overrides: Sequence[str] = ()) -> typing.Self:
+        """The config a command runs with: the defaults, then `file`, then the named `options` that were given
+        (None = not given; fold may be 'all'), then `--set` overrides. The CLI and notebooks merge the same way."""
+        cfg = cls.from_file(file) if file is not None else cls()
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        if isinstance(given.get("fold"), str):
+            given["fold"] = None if given["fold"].lower() == "all" else _parse_value(given["fold"])
+        return cls.from_dict({**cfg.to_dict(), **given}).with_overrides(overrides)
+
+
+def _at_least(name: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise SettingError(f"{name} must be at least {low}, got {value}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """The grader: every setting of the v8 model, its loss, selection rule and augmentation; v8's defaults."""
+
     # --- data ---
     conditions: tuple[str, ...] = ("Spinal Canal Stenosis",)  # v8 trains one condition at a time
     slices: int | None = None  # None = the cache's slice count
     image_size: int | None = None  # None = the cache's crop size; else resized on the GPU
     in_memory: str | bool = "auto"  # load the selected samples into RAM once ('auto': when they fit)
-    batch_size: int = 12  # samples per step and device (v8: 12)
-    workers: int = 2  # loader worker processes (0 = read in the main process)
     # --- model ---
     backbone: str = "tf_efficientnetv2_s"  # any timm model name; it encodes each slice
     pretrained: bool = True  # ImageNet weights: from `weights` when given, else timm's hub (needs internet)
@@ -44,26 +177,9 @@ class TrainConfig:
     # --- loss ---
     class_weights: tuple[float, float, float] = (1.0, 2.0, 4.0)  # CE weights of Normal/Mild, Moderate, Severe
     focal_gamma: float = 0.0  # 0 = plain weighted CE; 1.5 is v8's troubleshooting option
-    # --- optimisation ---
-    epochs: int = 25  # training epochs
-    lr_backbone: float = 1e-5  # peak learning rate of the backbone (AdamW)
-    lr_head: float = 1e-4  # peak learning rate of the aggregator, embeddings and head
-    weight_decay: float = 0.03  # AdamW weight decay
-    grad_clip: float = 1.0  # gradient norm clip
-    warmup_epochs: float = 2.0  # linear warm-up, then cosine to 0
-    freeze_epochs: int = 2  # backbone frozen (weights and BN statistics) for the first N epochs
-    swa_start: int | None = 18  # epoch from which weights are averaged (SWA) at a constant swa_lr
-    swa_lr: float = 5e-6  # constant learning rate during SWA
-    ema_decay: float | None = None  # EMA instead of SWA: e.g. 0.999 (per step); set swa_start=None with it
-    amp: str = "auto"  # 'auto': bf16 where supported, else fp16 + GradScaler; off on CPU
-    channels_last: bool = True  # NHWC memory layout (faster convolutions on GPUs)
-    compile: bool = False  # torch.compile the model
-    # --- validation / selection ---
-    folds: int = 5  # cross-validation folds, grouped by study
-    fold: int | None = 0  # v8 trained fold 0 only; None = every fold
+    # --- selection ---
     best_rule: str = "v8"  # 'v8': best BA with Moderate and Severe recall >= best_min_recall | 'score': lowest score
     best_min_recall: float = 0.20  # the 'v8' rule's minimum Moderate and Severe recall
-    patience: int | None = 12  # early stop after N epochs without a better selection metric
     dead_min_count: int = 3  # a class predicted fewer times than this on validation is "dead"
     dead_stop_after: int | None = None  # stop after K consecutive dead-class epochs; None = never
     tta: bool = False  # out-of-fold predictions: plain + mild brightness/contrast, averaged
@@ -80,94 +196,43 @@ class TrainConfig:
     aug_p_noise: float = 0.3  # probability of Gaussian noise
     aug_noise_std: float = 0.03  # on the [0, 1] scale
     hflip: bool = False  # mirror left/right; sided conditions swap to their mirror condition (must be trained too)
-    # --- run ---
-    seed: int = 42  # seeds folds, weights init, sampling and augmentation
-    deterministic: bool = False  # deterministic kernels (slower): a resumed run then equals an uninterrupted one
-    device: str = "auto"  # 'auto' | 'cuda' | 'cuda:1' | 'cpu'
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
+
+    kind: ClassVar[str] = "grader"
 
     def __post_init__(self) -> None:
         # names, snake_case names, groups or 'all', as everywhere in lsdc; the order given is the embedding's order
         self.conditions = expand_conditions(self.conditions)
         self.class_weights = tuple(float(w) for w in self.class_weights)  # type: ignore[assignment]
-        self.validate()
+        super().__post_init__()
 
     def validate(self) -> None:
-        # counts that would only fail later (e.g. no checkpoint after 0 epochs): said before anything runs
-        for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("folds", 2), ("freeze_epochs", 0),
-                          ("slices", 1), ("image_size", 8), ("patience", 1), ("dead_min_count", 0)):
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise ValueError(f"{name} must be at least {low}, got {value}")
-        if self.warmup_epochs < 0 or min(self.class_weights, default=1.0) <= 0:
-            raise ValueError(f"warmup_epochs must be >= 0 and class_weights > 0, got {self.warmup_epochs}, "
-                             f"{self.class_weights}")
+        super().validate()
+        for name, low in (("slices", 1), ("image_size", 8), ("dead_min_count", 0), ("agg_hidden", 1),
+                          ("level_emb", 1), ("condition_emb", 1), ("head_hidden", 1), ("focal_gamma", 0),
+                          ("aug_shift", 0), ("aug_scale", 0), ("aug_rotate", 0), ("aug_center_jitter", 0),
+                          ("aug_brightness", 0), ("aug_contrast", 0), ("aug_gamma", 0), ("aug_noise_std", 0),
+                          ("dead_stop_after", 1)):
+            _at_least(name, getattr(self, name), low)
+        for name in ("head_dropout", "head_dropout2", "best_min_recall", "aug_p_affine", "aug_p_color",
+                     "aug_p_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SettingError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if len(self.class_weights) != 3 or min(self.class_weights) <= 0:
+            raise SettingError(f"class_weights needs 3 numbers > 0, got {self.class_weights}")
         if not self.conditions or len(set(self.conditions)) != len(self.conditions):
-            raise ValueError(f"conditions must be a non-empty list without repeats, got {self.conditions}")
+            raise SettingError(f"conditions must be a non-empty list without repeats, got {self.conditions}")
         if len({CONDITION_SERIES[c] for c in self.conditions}) > 1 and self.hflip:
-            raise ValueError("hflip with conditions read on different series planes is not supported")
-        if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"aggregator {self.aggregator!r} not in {AGGREGATORS}")
-        if self.best_rule not in BEST_RULES:
-            raise ValueError(f"best_rule {self.best_rule!r} not in {BEST_RULES}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp {self.amp!r} not in {AMP_MODES}")
+            raise SettingError("hflip with conditions read on different series planes is not supported")
+        for name, allowed in (("aggregator", AGGREGATORS), ("best_rule", BEST_RULES)):
+            if getattr(self, name) not in allowed:
+                raise SettingError(f"{name} {getattr(self, name)!r} not in {allowed}")
         if self.in_memory not in ("auto", True, False):
-            raise ValueError(f"in_memory must be 'auto', true or false, got {self.in_memory!r}")
-        if len(self.class_weights) != 3:
-            raise ValueError(f"class_weights needs 3 numbers, got {self.class_weights}")
-        if self.ema_decay is not None and self.swa_start is not None:
-            raise ValueError("choose EMA (ema_decay) or SWA (swa_start), not both: set the other to None")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.fold is not None and not 0 <= self.fold < self.folds:
-            raise ValueError(f"fold {self.fold} is outside 0..{self.folds - 1}")
+            raise SettingError(f"in_memory must be 'auto', true or false, got {self.in_memory!r}")
         if self.hflip:
             for c in self.conditions:
                 if CONDITION_SIDE[c] is not None and mirror_condition(c) not in self.conditions:
-                    raise ValueError(f"hflip swaps the side of {c!r}, so {mirror_condition(c)!r} must be trained too")
-
-    # --- (de)serialisation ---
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types only (lists, not tuples): it goes into config.json and into checkpoints."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**{k: _coerce(k, v) for k, v in d.items()})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        """A .json file, or a .toml file (top level or a [train] table)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            d = tomllib.loads(text)
-            d = d.get("train", d)
-        elif path.suffix == ".json":
-            d = json.loads(text)
-        else:
-            raise ValueError(f"{path}: config files must be .json or .toml")
-        d.pop("cache_config_hash", None)  # written next to the config in a run's config.json
-        d.pop("cache", None)
-        return cls.from_dict(d)
-
-    def with_overrides(self, assignments: list[str]) -> TrainConfig:
-        """Apply CLI `key=value` strings; values parse as JSON when they can ('1e-4', 'null', '[1,3,6]')."""
-        d = self.to_dict()
-        for a in assignments:
-            key, sep, value = a.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or not key:
-                raise ValueError(f"--set expects key=value, got {a!r}")
-            if key not in d:
-                raise ValueError(f"--set {a!r}: unknown key {key!r}; known keys: {sorted(d)}")
-            d[key] = _parse_value(value.strip())
-        return TrainConfig.from_dict(d)
+                    raise SettingError(f"hflip swaps the side of {c!r}, so {mirror_condition(c)!r} must be trained "
+                                       "too")
 
 
 def mirror_condition(condition: str) -> str:
@@ -193,13 +258,13 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _coerce(key: str, value: Any) -> Any:
+def _coerce(cls: type, key: str, value: Any) -> Any:
     """Make a loosely typed value (from JSON, TOML or the CLI) match the field's type hint, or raise clearly."""
-    hint = typing.get_type_hints(TrainConfig)[key]
+    hint = typing.get_type_hints(cls)[key]
     if value is None:
         if type(None) in typing.get_args(hint):
             return None
-        raise ValueError(f"{key} cannot be null")
+        raise SettingError(f"{key} cannot be null")
     if key == "conditions" and isinstance(value, str):
         value = [value]
     if key == "in_memory":
@@ -224,28 +289,10 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def _bad(key: str, value: Any, expected: str) -> Any:
-    raise ValueError(f"{key}: expected {expected}, got {value!r}")
+    raise SettingError(f"{key}: expected {expected}, got {value!r}")
 
 
-def settings_markdown() -> str:
-    """The settings table of docs/training.md, from TrainConfig's own lines (field, default, comment), so the
-    dataclass stays the one place they are written; a test keeps the docs equal to it."""
-    import inspect
-    import re
-
-    rows = ["| setting | default | what it does |", "|---|---|---|"]
-    for line in inspect.getsource(TrainConfig).splitlines():
-        if line.strip().startswith("def "):
-            break  # the fields come first
-        section = re.fullmatch(r"\s+# --- (.+) ---", line)
-        if section:
-            rows.append(f"| **{section.group(1)}** | | |")
-            continue
-        fld = re.fullmatch(r"\s{4}(\w+): [^=]+ = (.+?)(?:  # (.*))?", line)
-        if fld:
-            name, default, note = fld.groups()
-            factory = re.fullmatch(r"field\(default_factory=(\w+)\)", default)
-            default = {"dict": "{}", "list": "[]"}[factory.group(1)] if factory else default
-            note = (note or "").replace("|", "\\|")
-            rows.append(f"| `{name}` | `{default.replace('|', '/')}` | {note} |")
-    return "\n".join(rows) + "\n"
+def settings_markdown(cls: type = TrainConfig) -> str:
+    """The settings table of docs/training.md (or docs/locate.md), from the dataclass's own lines; a test keeps the
+    docs equal to it."""
+    return cache_settings.settings_markdown(cls)

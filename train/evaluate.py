@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
-from sklearn.metrics import confusion_matrix
 
+from cache.errors import InputError, MissingInput
 from cache.io import atomic_write_json, atomic_write_text, json_safe
 from cache.rsna import CONDITION_GROUP, CONDITIONS, LABELS, LEVELS, PROB_COLUMNS
+from train.metrics import balanced_accuracy, confusion_matrix, per_class_recall
 from train.score import (GROUPS, PARTS, competition_score, group_log_loss, labels_long, match_submission,
                          normalise_probs, scored_rows)
 
@@ -34,11 +35,11 @@ def oof_path(item: str | os.PathLike) -> Path:
     """A run directory -> its oof.parquet; a Parquet file -> itself."""
     p = Path(item)
     if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist (give a run directory, an OOF .parquet or a submission .csv)")
+        raise MissingInput(f"{p} does not exist (give a run directory, an OOF .parquet or a submission .csv)")
     if p.is_dir():
         p = p / "oof.parquet"
     if not p.is_file():
-        raise FileNotFoundError(f"no OOF predictions at {p} (give a run directory holding oof.parquet, or a .parquet)")
+        raise MissingInput(f"no OOF predictions at {p} (give a run directory holding oof.parquet, or a .parquet)")
     return p
 
 
@@ -53,7 +54,7 @@ def load_predictions(inputs: list[str | os.PathLike], labels_csv: str | os.PathL
         path = oof_path(item)
         df = pd.read_parquet(path)
         if missing := [c for c in (*KEY, *PROBS) if c not in df.columns]:
-            raise ValueError(f"{path}: lacks columns {missing} (oof.parquet contract: docs/architecture.md)")
+            raise InputError(f"{path}: lacks columns {missing} (oof.parquet contract: docs/architecture.md)")
         df[PROBS] = normalise_probs(df[PROBS].to_numpy(), str(path))
         frames.append(df.assign(source=str(path)))
     pooled = pd.concat(frames, ignore_index=True)
@@ -67,7 +68,7 @@ def load_predictions(inputs: list[str | os.PathLike], labels_csv: str | os.PathL
         truth = labels_long(labels_csv)[[*KEY, "label"]]
         out = out.drop(columns="label", errors="ignore").merge(truth, on=KEY, how="left")
     if "label" not in out.columns:
-        raise ValueError("the OOF predictions carry no label column: pass labels_csv (train.csv format)")
+        raise InputError("the OOF predictions carry no label column: pass labels_csv (train.csv format)")
     out["label"] = out["label"].astype("Int8")
     return out
 
@@ -75,9 +76,9 @@ def load_predictions(inputs: list[str | os.PathLike], labels_csv: str | os.PathL
 def submission_predictions(path: str | os.PathLike, labels_csv: str | os.PathLike | None) -> pd.DataFrame:
     """A submission CSV as predictions of the labels' rows: its row ids must be exactly theirs, as on Kaggle."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no submission at {path}")
+        raise MissingInput(f"no submission at {path}")
     if labels_csv is None:
-        raise ValueError(f"{path} is a submission: pass --labels with its solution (train.csv format, e.g. the "
+        raise InputError(f"{path} is a submission: pass --labels with its solution (train.csv format, e.g. the "
                          "synthetic test_labels.csv)")
     df = match_submission(labels_csv, path)
     df[PROBS] = normalise_probs(df[PROBS].to_numpy(), str(path))
@@ -87,22 +88,18 @@ def submission_predictions(path: str | os.PathLike, labels_csv: str | os.PathLik
 # ------------------------------------------------------------------------------------------------ accuracy
 
 def class_report(rows: pd.DataFrame) -> dict[str, Any]:
-    """Confusion matrix (true x predicted, argmax), per-class recall and balanced accuracy of scored rows.
-
-    Balanced accuracy is the mean recall over the classes present in the truth (sklearn's definition); a class
-    absent from the truth has recall None.
-    """
+    """Confusion matrix (true x predicted, argmax), per-class recall and balanced accuracy of scored rows, from
+    train.metrics (the one implementation): balanced accuracy is the mean recall over the classes present in the
+    truth (sklearn's definition); a class absent from the truth has recall None."""
     y = rows["label"].to_numpy(dtype=np.int64)
-    pred = rows[PROBS].to_numpy().argmax(axis=1)
-    cm = confusion_matrix(y, pred, labels=[0, 1, 2])
-    support = cm.sum(axis=1)
-    recall = [float(cm[k, k] / support[k]) if support[k] else None for k in range(3)]
-    present = [r for r in recall if r is not None]
+    cm = confusion_matrix(y, rows[PROBS].to_numpy().argmax(axis=1))
+    recall = [None if np.isnan(r) else float(r) for r in per_class_recall(cm)]
+    ba = balanced_accuracy(cm)
     return {
         "n": int(len(rows)),
-        "balanced_accuracy": float(np.mean(present)) if present else None,
+        "balanced_accuracy": None if np.isnan(ba) else ba,
         "recall": dict(zip(LABELS, recall)),
-        "support": dict(zip(LABELS, support.tolist())),
+        "support": dict(zip(LABELS, cm.sum(axis=1).tolist())),
         "predicted": dict(zip(LABELS, cm.sum(axis=0).tolist())),
         "confusion": cm.tolist(),
     }
@@ -152,7 +149,7 @@ def read_temperature(path: str | os.PathLike) -> dict[str, float]:
     data = json.loads(Path(path).read_text())
     temps = data.get("temperature", data)
     if bad := set(temps) - set(GROUPS):
-        raise ValueError(f"{path}: unknown condition groups {sorted(bad)}; expected some of {GROUPS}")
+        raise InputError(f"{path}: unknown condition groups {sorted(bad)}; expected some of {GROUPS}")
     return {g: float(t) for g, t in temps.items()}
 
 
@@ -168,7 +165,7 @@ def evaluate(inputs: list[str | os.PathLike], labels_csv: str | os.PathLike | No
     """
     inputs = [Path(i) for i in inputs]
     if not inputs:
-        raise ValueError("evaluate needs at least one run directory or OOF parquet")
+        raise InputError("evaluate needs at least one run directory or OOF parquet")
     df = load_predictions(inputs, labels_csv)
     rows = scored_rows(df)
     result: dict[str, Any] = {

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from cache.errors import InputError
 from cache.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def make_folds(index: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.Data
     studies = index["study_id"].to_numpy(dtype=np.int64)
     n_studies = len(np.unique(studies))
     if n_studies < n_folds:
-        raise ValueError(f"{n_folds} folds need at least {n_folds} studies; the cache selection has {n_studies}")
+        raise InputError(f"{n_folds} folds need at least {n_folds} studies; the cache selection has {n_studies}")
     # sort first: the assignment must not depend on the order the cache happened to be written in
     order = np.lexsort((index["level"].astype(str).to_numpy(), index["condition"].astype(str).to_numpy(), studies))
     y = index["label"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)[order]
@@ -51,7 +52,7 @@ def save_folds(folds: pd.DataFrame, path: str | Path) -> None:
 def load_folds(path: str | Path) -> pd.DataFrame:
     folds = pd.read_parquet(path)
     if list(folds.columns) != ["study_id", "fold"] or folds["study_id"].duplicated().any():
-        raise ValueError(f"{path}: expected unique study_id and a fold column, got {list(folds.columns)}")
+        raise InputError(f"{path}: expected unique study_id and a fold column, got {list(folds.columns)}")
     return folds
 
 
@@ -64,5 +65,5 @@ def fold_of_samples(index: pd.DataFrame, folds: pd.DataFrame, positions: np.ndar
     unfolded = rows[fold.isna().to_numpy()[rows]]
     if len(unfolded):
         studies = pd.unique(index["study_id"].to_numpy()[unfolded])[:5].tolist()
-        raise ValueError(f"studies {studies} are not in folds.parquet: was the run made on another cache?")
+        raise InputError(f"studies {studies} are not in folds.parquet: was the run made on another cache?")
     return fold.fillna(-1).to_numpy(dtype=np.int64)

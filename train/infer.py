@@ -1,4 +1,5 @@
-"""Predictions from a checkpoint (or a model in memory) over a cache: the OOF writer, evaluate and predict use it."""
+"""The grader's predictions from a checkpoint (or a model in memory) over a crop cache: the OOF writer and predict
+use it."""
 
 from __future__ import annotations
 
@@ -10,29 +11,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cache.errors import InputError
 from cache.rsna import PROB_COLUMNS
 from train.augment import tta_views
 from train.config import TrainConfig
 from train.data import CacheDataset, make_loader, select_samples, to_device
-from train.model import LSDCModel, build_model
+from train.checkpoint import model_from_checkpoint
+from train.model import LSDCModel
 
 INDEX_COLUMNS = ["row", "study_id", "series_id", "condition", "level", "label"]
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A run checkpoint: only tensors and plain types, so it loads without unpickling arbitrary objects."""
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def model_from_checkpoint(ckpt: dict | str | Path) -> LSDCModel:
-    """The model the checkpoint was validated with: the weight average when one was in use, else the raw model."""
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg, pretrained=False)  # the checkpoint has every weight: no download, no --weights file
-    state = ckpt["ema"]["module"] if ckpt.get("eval_with") == "ema" else ckpt["model"]
-    model.load_state_dict(state)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -71,10 +58,10 @@ def predict_cache(checkpoint_or_model: str | Path | dict | LSDCModel, reader, de
     device = torch.device(device)
     positions = select_samples(reader.index, cfg.conditions, labelled=labelled_only)
     if len(positions) == 0:
-        raise ValueError(f"the cache has no samples of the model's conditions {list(cfg.conditions)}")
+        raise InputError(f"the cache has no samples of the model's conditions {list(cfg.conditions)}")
     ds = CacheDataset(reader, positions, cfg.conditions)
     if ds.shape[0] != cfg.slices:
-        raise ValueError(f"the model was trained on {cfg.slices} slices, the cache has {ds.shape[0]}")
+        raise InputError(f"the model was trained on {cfg.slices} slices, the cache has {ds.shape[0]}")
     loader = make_loader(ds, batch_size, workers, train=False, seed=0, pin_memory=device.type == "cuda")
     probs, rows = predict_probs(model.to(device), loader, device, cfg.image_size, tta)
     return prediction_frame(reader.index, rows, probs)

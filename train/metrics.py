@@ -1,4 +1,5 @@
-"""Validation metrics in plain numpy (no torch): confusion matrix, per-class recall, balanced accuracy, dead classes.
+"""Classification metrics in plain numpy (no torch), the one implementation train, evaluate and reports use:
+confusion matrix, per-class recall, balanced accuracy, dead classes, and the smoothed label mix.
 
 Balanced accuracy is the mean recall over the classes present in the truth (as sklearn's), so a model that never
 predicts Moderate or Severe cannot hide behind the Normal/Mild majority.
@@ -40,11 +41,16 @@ def dead_classes(y_pred: np.ndarray, min_count: int = 3, n_classes: int = N_CLAS
     return [int(k) for k in np.flatnonzero(prediction_counts(y_pred, n_classes) < min_count)]
 
 
-def weighted_log_loss(y_true: np.ndarray, probs: np.ndarray, weights: tuple[float, ...]) -> float:
-    """Sample-weighted multi-class log loss (the metric's per-group form), probabilities renormalised and clipped."""
-    p = np.clip(probs / probs.sum(axis=1, keepdims=True), 1e-15, 1 - 1e-15)
-    w = np.asarray(weights)[y_true]
-    return float(-(w * np.log(p[np.arange(len(y_true)), y_true])).sum() / w.sum())
+def smoothed_mix(counts) -> np.ndarray | None:
+    """Label fractions with one pseudo-count per class (Laplace): a grade that a small training set lacks still gets
+    a probability above 0, so a row filled with the prior can never score an infinite log loss."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return (counts + 1) / (counts.sum() + len(counts)) if counts.sum() else None
+
+
+def finite(x: float | None, default: float) -> float:
+    """x, or `default` when it is None, NaN or infinite (e.g. a selection key on an epoch with no score)."""
+    return default if x is None or not np.isfinite(x) else float(x)
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, min_count: int = 3) -> dict:

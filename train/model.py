@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from cache.errors import MissingInput, SettingError
 from cache.rsna import LEVELS
 from train.config import TrainConfig
 
@@ -24,18 +25,18 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
         import difflib
 
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise ValueError(f"timm has no model {name!r}" + (f"; close names: {', '.join(close)}" if close else "")
+        raise SettingError(f"timm has no model {name!r}" + (f"; close names: {', '.join(close)}" if close else "")
                          + " (timm.list_models('*pattern*') lists them)")
     if weights is not None:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"backbone weights file not found: {weights}")
+            raise MissingInput(f"backbone weights file not found: {weights}")
         return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(weights)))
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0)
     except Exception as e:  # the hub is unreachable: say how to train without it
         if not pretrained:
             raise
-        raise RuntimeError(
+        raise SettingError(
             f"could not download pretrained weights for {name!r} ({type(e).__name__}: {e}). Without internet, pass "
             "a local file with --weights FILE, or train from scratch with --set pretrained=false") from e
 

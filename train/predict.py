@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cache.errors import InputError, MissingInput
 from cache.io import atomic_write
 from cache.rsna import CLASS_WEIGHTS, CONDITIONS, LABEL_COLUMNS, LEVELS, PROB_COLUMNS, label_column, submission_row_ids
 from train.evaluate import apply_temperature, read_temperature
+from train.metrics import smoothed_mix
 from train.score import read_submission
 
 log = logging.getLogger(__name__)
@@ -50,27 +52,30 @@ def resolve_checkpoints(items: list[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             found = sorted(p.glob("fold*/best.pt"))
             if not found:
-                raise FileNotFoundError(f"run directory {p} holds no fold*/best.pt checkpoint")
+                raise MissingInput(f"run directory {p} holds no fold*/best.pt checkpoint")
             out += found
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"no checkpoint or run directory at {p}")
+            raise MissingInput(f"no checkpoint or run directory at {p}")
     return out
 
 
 def checkpoint_config(path: Path) -> dict[str, Any]:
     """The TrainConfig dict saved in a checkpoint (tensors and plain types only: weights_only=True)."""
-    import torch
+    from train.checkpoint import checkpoint_kind, load_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
+    if checkpoint_kind(ckpt) != "grader":
+        raise InputError(f"{path} holds a {checkpoint_kind(ckpt)}, not a grader: predict grades with grader "
+                         "checkpoints (the localiser's run goes with --locator)")
     cfg = ckpt.get("config")
     cfg = json.loads(cfg) if isinstance(cfg, str) else cfg
     if not isinstance(cfg, dict) or not cfg.get("conditions"):
-        raise ValueError(f"{path}: checkpoint has no config with the trained conditions")
+        raise InputError(f"{path}: checkpoint has no config with the trained conditions")
     bad = sorted(set(cfg["conditions"]) - set(CONDITIONS))
     if bad:
-        raise ValueError(f"{path}: checkpoint trained on unknown conditions {bad}")
+        raise InputError(f"{path}: checkpoint trained on unknown conditions {bad}")
     return {**cfg, "_class_prior": ckpt.get("class_prior", cfg.get("extra", {}).get("class_prior")),
             "_crop_settings": ckpt.get("crop_settings") or {}}
 
@@ -85,7 +90,7 @@ def check_crops(checkpoints: list[Path], configs: list[dict[str, Any]], reader: 
     for path, cfg in zip(checkpoints, configs):
         diff = cache.crop_differences(cfg.get("_crop_settings") or {}, given)
         if diff:
-            raise ValueError(f"{path} was trained on crops made with other settings than {reader.path}: "
+            raise InputError(f"{path} was trained on crops made with other settings than {reader.path}: "
                              f"{'; '.join(diff)} (trained != this cache). Build the cache with the training "
                              "cache's settings (`lsdc cache info` shows them)")
     if (reader.manifest.get("config") or {}).get("split") == "train":
@@ -99,13 +104,6 @@ def metric_optimal(mix: np.ndarray) -> np.ndarray:
     """The constant that minimises the expected weighted log loss for a label mix: p_k proportional to w_k * mix_k."""
     p = np.asarray(CLASS_WEIGHTS, dtype=np.float64) * np.asarray(mix, dtype=np.float64)
     return p / p.sum()
-
-
-def smoothed_mix(counts) -> np.ndarray | None:
-    """Label fractions with one pseudo-count per class (Laplace): a grade that a small training set lacks still gets
-    a probability above 0, so a row filled with the prior can never score an infinite log loss."""
-    counts = np.asarray(counts, dtype=np.float64)
-    return (counts + 1) / (counts.sum() + len(counts)) if counts.sum() else None
 
 
 def label_mix(labels: pd.Series) -> np.ndarray | None:
@@ -147,7 +145,7 @@ def condition_priors(checkpoints: list[Path], configs: list[dict[str, Any]]) -> 
 def parse_row_id(rid: str) -> tuple[int, str]:
     m = _ROW_ID.match(str(rid))
     if not m or m.group(2) not in LABEL_COLUMNS:
-        raise ValueError(f"sample submission row id {rid!r} is not '<study_id>_<condition>_<level>'")
+        raise InputError(f"sample submission row id {rid!r} is not '<study_id>_<condition>_<level>'")
     return int(m.group(1)), m.group(2)
 
 
@@ -172,7 +170,7 @@ def submission_rows(sample_submission: str | os.PathLike | None, studies: list[i
         parsed = [parse_row_id(r) for r in ids]
         sample_studies = list(dict.fromkeys(s for s, _ in parsed))
         if set(ids) != set(submission_row_ids(sample_studies)):
-            raise ValueError(f"{sample_submission}: not every study has all 25 condition-levels")
+            raise InputError(f"{sample_submission}: not every study has all 25 condition-levels")
         if extra := sorted(set(studies) - set(sample_studies)):
             log.warning("%d cached studies are not in the sample submission; left out: %s", len(extra), extra[:5])
     else:
@@ -193,7 +191,8 @@ def model_predictions(checkpoints: list[Path], configs: list[dict[str, Any]], re
     """
     import torch
 
-    from train.infer import model_from_checkpoint, predict_cache
+    from train.checkpoint import model_from_checkpoint
+    from train.infer import predict_cache
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

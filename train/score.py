@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss
 
+from cache.errors import InputError
 from cache.rsna import (CLASS_WEIGHTS, CONDITION_GROUP, CONDITIONS, LABEL_COLUMNS, LEVELS, PROB_COLUMNS, label_code,
                         row_id)
 
@@ -32,14 +33,14 @@ def normalise_probs(probs: np.ndarray, what: str = "predictions") -> np.ndarray:
     """Divide each row by its sum; refuse what the Kaggle metric refuses (non-finite, negative) and all-zero rows."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != len(PROB_COLUMNS):
-        raise ValueError(f"{what}: expected an (N, 3) array of probabilities, got shape {p.shape}")
+        raise InputError(f"{what}: expected an (N, 3) array of probabilities, got shape {p.shape}")
     if not np.isfinite(p).all():
-        raise ValueError(f"{what}: {int((~np.isfinite(p)).any(axis=1).sum())} rows hold NaN or inf")
+        raise InputError(f"{what}: {int((~np.isfinite(p)).any(axis=1).sum())} rows hold NaN or inf")
     if (p < 0).any():
-        raise ValueError(f"{what}: {int((p < 0).any(axis=1).sum())} rows hold negative probabilities")
+        raise InputError(f"{what}: {int((p < 0).any(axis=1).sum())} rows hold negative probabilities")
     s = p.sum(axis=1, keepdims=True)
     if (s <= 0).any():
-        raise ValueError(f"{what}: {int((s <= 0).sum())} rows sum to zero; cannot renormalise them")
+        raise InputError(f"{what}: {int((s <= 0).sum())} rows sum to zero; cannot renormalise them")
     return p / s
 
 
@@ -47,15 +48,15 @@ def scored_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The rows the metric scores: labelled, with `group`, `weight` and renormalised probability columns added."""
     need = {"study_id", "condition", "level", "label", *PROB_COLUMNS}
     if missing := need - set(df.columns):
-        raise ValueError(f"score input lacks columns {sorted(missing)}; it has {list(df.columns)}")
+        raise InputError(f"score input lacks columns {sorted(missing)}; it has {list(df.columns)}")
     if bad := sorted(set(df["condition"]) - set(CONDITIONS)):
-        raise ValueError(f"unknown condition strings {bad}; expected the competition's {CONDITIONS}")
+        raise InputError(f"unknown condition strings {bad}; expected the competition's {CONDITIONS}")
     if bad := sorted(set(df["level"]) - set(LEVELS)):
-        raise ValueError(f"unknown level strings {bad}; expected {LEVELS}")
+        raise InputError(f"unknown level strings {bad}; expected {LEVELS}")
     rows = df.loc[df["label"].notna(), ["study_id", "condition", "level", "label", *PROB_COLUMNS]].copy()
     label = rows["label"].to_numpy(dtype=np.float64)
     if not np.isin(label, (0, 1, 2)).all():
-        raise ValueError(f"labels must be 0, 1, 2 or NA; found {sorted(set(label) - {0.0, 1.0, 2.0})}")
+        raise InputError(f"labels must be 0, 1, 2 or NA; found {sorted(set(label) - {0.0, 1.0, 2.0})}")
     rows["label"] = label.astype(np.int64)
     rows["group"] = rows["condition"].map(CONDITION_GROUP)
     rows["weight"] = np.asarray(CLASS_WEIGHTS, dtype=np.float64)[rows["label"].to_numpy()]
@@ -76,11 +77,19 @@ def any_severe_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def group_log_loss(rows: pd.DataFrame) -> float:
     """Sample-weighted 3-class log loss of scored rows; NaN when there are none."""
-    if rows.empty:
+    # a group whose truth lacks a class (e.g. no Severe) is still scored over three columns
+    return weighted_log_loss(rows["label"].to_numpy(), rows[list(PROB_COLUMNS)].to_numpy(), CLASS_WEIGHTS)
+
+
+def weighted_log_loss(y_true: np.ndarray, probs: np.ndarray, weights: tuple[float, ...]) -> float:
+    """Sample-weighted multi-class log loss with weights per true class: the metric's per-group form (validation
+    loss of a training epoch); probabilities renormalised; NaN when there are no rows."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if len(y_true) == 0:
         return float("nan")
-    # labels=[0, 1, 2]: a group whose truth lacks a class (e.g. no Severe) is still scored over three columns.
-    return float(log_loss(rows["label"], rows[list(PROB_COLUMNS)].to_numpy(), sample_weight=rows["weight"],
-                          labels=[0, 1, 2]))
+    p = normalise_probs(probs, "weighted log loss input")
+    return float(log_loss(y_true, p, sample_weight=np.asarray(weights, dtype=np.float64)[y_true],
+                          labels=list(range(p.shape[1]))))
 
 
 def binary_log_loss(table: pd.DataFrame) -> float:
@@ -125,7 +134,7 @@ def labels_long(labels: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     """
     wide = pd.read_csv(labels, dtype={"study_id": np.int64}) if not isinstance(labels, pd.DataFrame) else labels
     if missing := [c for c in ("study_id", *LABEL_COLUMNS) if c not in wide.columns]:
-        raise ValueError(f"labels table lacks train.csv columns {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise InputError(f"labels table lacks train.csv columns {missing[:5]}{'...' if len(missing) > 5 else ''}")
     records = []
     for study, *cells in wide[["study_id", *LABEL_COLUMNS]].itertuples(index=False):
         names = iter(cells)
@@ -135,7 +144,7 @@ def labels_long(labels: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
                 try:
                     code = label_code(value)
                 except ValueError as e:
-                    raise ValueError(f"study {study}, {condition} {level}: {e}") from None
+                    raise InputError(f"study {study}, {condition} {level}: {e}") from None
                 records.append((int(study), condition, level, row_id(study, condition, level), code))
     out = pd.DataFrame(records, columns=["study_id", "condition", "level", "row_id", "label"])
     out["label"] = out["label"].astype("Int8")
@@ -147,9 +156,9 @@ def read_submission(submission: pd.DataFrame | str | os.PathLike) -> pd.DataFram
     sub = pd.read_csv(submission) if not isinstance(submission, pd.DataFrame) else submission
     expected = ["row_id", *PROB_COLUMNS]
     if list(sub.columns) != expected:
-        raise ValueError(f"submission columns are {list(sub.columns)}; expected exactly {expected}")
+        raise InputError(f"submission columns are {list(sub.columns)}; expected exactly {expected}")
     if dup := sub.loc[sub["row_id"].duplicated(), "row_id"].tolist():
-        raise ValueError(f"submission repeats row ids, e.g. {dup[:3]}")
+        raise InputError(f"submission repeats row ids, e.g. {dup[:3]}")
     return sub
 
 
@@ -172,6 +181,6 @@ def match_submission(solution: pd.DataFrame | str | os.PathLike,
     missing = sorted(set(truth["row_id"]) - set(sub["row_id"]))
     extra = sorted(set(sub["row_id"]) - set(truth["row_id"]))
     if missing or extra:
-        raise ValueError(f"submission row ids do not match the solution: {len(missing)} missing (e.g. {missing[:3]}), "
+        raise InputError(f"submission row ids do not match the solution: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(extra)} unexpected (e.g. {extra[:3]})")
     return truth.merge(sub, on="row_id", how="left", validate="one_to_one")

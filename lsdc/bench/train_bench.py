@@ -68,33 +68,30 @@ def bench_train(cache_path: str | Path, *, backbone: str = "tf_efficientnetv2_s"
                 amp: str = "auto", channels_last: bool = True, compile: bool = False,
                 conditions: tuple[str, ...] | None = None, command: str | None = None) -> dict[str, Any]:
     """Time `steps` training steps (after `warmup`) of the real model on an existing cache."""
-    import numpy as np
     import torch
 
     import cache
     from train.config import TrainConfig
-    from train.data import CacheDataset, make_loader, select_samples
-    from train.loop import make_optimizer, resolve_config
-    from train.losses import WeightedFocalCE
-    from train.model import build_model
+    from train.grade import GraderTask
+    from train.loop import new_training
     from train.runtime import setup_runtime
 
     reader = cache.open(cache_path)
     conditions = conditions or tuple(dict.fromkeys(reader.index["condition"]))
-    cfg = resolve_config(TrainConfig(conditions=conditions, backbone=backbone, pretrained=False, image_size=image_size,
-                                     batch_size=batch_size, workers=workers, device=device, amp=amp,
-                                     channels_last=channels_last, compile=compile, in_memory=False,
-                                     freeze_epochs=0, swa_start=None), reader)
+    cfg = GraderTask.resolve_config(TrainConfig(
+        conditions=conditions, backbone=backbone, pretrained=False, image_size=image_size, batch_size=batch_size,
+        workers=workers, device=device, amp=amp, channels_last=channels_last, compile=compile, in_memory=False,
+        freeze_epochs=0, swa_start=None), reader)
     rt = setup_runtime(cfg.device, cfg.amp)
     if rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    dataset = CacheDataset(reader, select_samples(reader.index, cfg.conditions), cfg.conditions)
-    loader = make_loader(dataset, cfg.batch_size, cfg.workers, train=True, seed=cfg.seed,
-                         pin_memory=rt.device.type == "cuda")
-    counts = np.bincount(dataset.label, minlength=3)
-    model = build_model(cfg, torch.tensor(counts / counts.sum())).to(rt.device)
-    step_fn = _Step(model, cfg, rt, make_optimizer(model, cfg, steps_per_epoch=max(1, steps))[0],
-                    WeightedFocalCE(cfg.class_weights, cfg.focal_gamma).to(rt.device))
+    task = GraderTask(cfg, reader)
+    positions = task.trained_positions()
+    data = task.fold_data(positions, positions[:0], 0, 1, rt.device)  # every labelled sample trains
+    loader, dataset = data.train_loader, data.train_loader.dataset
+    training = new_training(task, data, cfg, rt)
+    model = training.model
+    step_fn = _Step(task, training, cfg, rt)
     result: dict[str, Any] = {
         "bench": "train", "command": command, "machine": machine_info(), "cache": str(Path(cache_path).resolve()),
         "device": str(rt.device), "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
@@ -131,35 +128,20 @@ def bench_train(cache_path: str | Path, *, backbone: str = "tf_efficientnetv2_s"
 
 
 class _Step:
-    """One optimisation step exactly as train.loop.train_one_epoch takes it."""
+    """One optimisation step exactly as the training loop takes it (train.loop.train_step)."""
 
-    def __init__(self, model, cfg, rt, opt, loss_fn):
+    def __init__(self, task, training, cfg, rt):
         import torch
 
-        self.model, self.cfg, self.rt, self.opt, self.loss_fn = model, cfg, rt, opt, loss_fn
-        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler)
-        self.gen = torch.Generator(device=rt.device)
-        self.gen.manual_seed(cfg.seed)
-        self.forward = torch.compile(model) if cfg.compile else model
-        model.train()
+        self.task, self.training, self.cfg, self.rt = task, training, cfg, rt
+        self.training.generator.manual_seed(cfg.seed)
+        self.forward = torch.compile(training.model) if cfg.compile else training.model
+        training.model.train()
 
-    def __call__(self, batch: dict, on_device: bool = False) -> None:
-        import torch
+    def __call__(self, batch: dict) -> None:
+        from train.loop import train_step
 
-        from train.augment import augment_batch
-        from train.data import to_device
-
-        b = batch if on_device else to_device(batch, self.rt.device, self.cfg.image_size)
-        x, condition = augment_batch(b["image"], b["condition"], self.cfg, self.gen)
-        with self.rt.autocast():
-            logits = self.forward(x, b["level"], condition)
-        loss = self.loss_fn(logits, b["label"])
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        train_step(self.task, self.forward, self.training, batch, self.cfg, self.rt)
 
 
 def _forever(loader):
@@ -183,18 +165,18 @@ def _loader_rate(loader, batches: int) -> dict[str, Any]:
 
 def _model_rate(step_fn: _Step, batches: list[dict], steps: int, warmup: int, rt, partial: int = 0
                 ) -> dict[str, Any]:
-    from train.data import to_device
-
-    on_device = [to_device(b, rt.device, step_fn.cfg.image_size) for b in batches]
+    # uint8 batches already on the device: the step's copy is a no-op, its float conversion (on the device, as in
+    # training) is timed with the model
+    on_device = [{k: v.to(rt.device) for k, v in b.items()} for b in batches]
     for i in range(warmup):  # cuDNN autotuning, allocator growth, compile
-        step_fn(on_device[i % len(on_device)], on_device=True)
+        step_fn(on_device[i % len(on_device)])
     if warmup and partial:
-        step_fn({k: v[:partial] for k, v in on_device[0].items()}, on_device=True)
+        step_fn({k: v[:partial] for k, v in on_device[0].items()})
     _sync(rt.device)
     t0, n = time.perf_counter(), 0
     for i in range(steps):
         b = on_device[i % len(on_device)]
-        step_fn(b, on_device=True)
+        step_fn(b)
         n += len(b["image"])
     _sync(rt.device)
     seconds = time.perf_counter() - t0

@@ -9,6 +9,12 @@ from typing import Optional
 
 import typer
 
+from cache.settings import defaults, field_help
+from prep.config import PrepConfig
+from train.config import TrainConfig
+
+_PREP, _TRAIN = defaults(PrepConfig), defaults(TrainConfig)
+
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: cache build, loader and training throughput.")
 
 OUT_HELP = "Write the full result as JSON here."
@@ -51,8 +57,8 @@ def prep(
     data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Competition layout (e.g. lsdc synth)."),
     studies: Optional[int] = typer.Option(None, help="Only the first N studies."),
     conditions: Optional[str] = typer.Option(None, help="Conditions, slugs or groups (default all)."),
-    slices: int = typer.Option(7, help="Slices per stack."),
-    size: int = typer.Option(256, help="Crop side in pixels."),
+    slices: int = typer.Option(_PREP["slices"], help=field_help(PrepConfig, "slices", default=False)),
+    size: int = typer.Option(_PREP["size"], help=field_help(PrepConfig, "size", default=False)),
     workers: int = typer.Option(2, min=1, help="Workers of the parallel build (compared with 1)."),
     repeat: int = typer.Option(1, min=1, help="Repeat the timed runs; the result gives each ratio's spread."),
     v8_samples: Optional[int] = typer.Option(None, help="Time the v8-style epoch on N samples and extrapolate."),
@@ -67,7 +73,7 @@ def prep(
 ) -> None:
     """Cache build samples/s vs its unavoidable work and a v8-style epoch; 1 vs N workers; worker memory."""
     from lsdc.bench.prep_bench import bench_prep
-    from prep.config import PrepConfig, parse_conditions
+    from prep.config import parse_conditions
 
     config = PrepConfig(studies=studies, slices=slices, size=size,
                         conditions=parse_conditions(conditions) if conditions else PrepConfig().conditions)
@@ -81,7 +87,7 @@ def load(
     ctx: typer.Context,
     cache_path: Path = typer.Argument(..., exists=True, file_okay=False, help="A finalised cache."),
     workers: str = typer.Option("0,1,2", help="DataLoader worker counts to measure."),
-    batch_size: int = typer.Option(12, min=1, help="Batch size (v8: 12)."),
+    batch_size: int = typer.Option(_TRAIN["batch_size"], min=1, help=field_help(TrainConfig, "batch_size", False)),
     samples: Optional[int] = typer.Option(None, help="Read only N samples (default all)."),
     v8_samples: int = typer.Option(48, min=0, help="Samples for the v8-style loader (0 = skip it)."),
     v8_workers: Optional[str] = typer.Option(None, help="Worker counts for the v8-style loader (default --workers)."),
@@ -106,15 +112,17 @@ def load(
 def train(
     ctx: typer.Context,
     cache_path: Path = typer.Argument(..., exists=True, file_okay=False, help="A finalised cache."),
-    backbone: str = typer.Option("tf_efficientnetv2_s", help="timm backbone (random weights: speed only)."),
-    image_size: int = typer.Option(256, min=16, help="Input size (resized on the device when not the cache's)."),
-    batch_size: int = typer.Option(12, min=1, help="Batch size (v8: 12)."),
+    backbone: str = typer.Option(_TRAIN["backbone"], help="timm backbone (random weights: speed only)."),
+    image_size: int = typer.Option(_PREP["size"], min=16, help="Input size (resized on the device when not the "
+                                   "cache's)."),
+    batch_size: int = typer.Option(_TRAIN["batch_size"], min=1, help=field_help(TrainConfig, "batch_size", False)),
     steps: int = typer.Option(20, min=1, help="Timed training steps."),
     warmup: int = typer.Option(3, min=0, help="Untimed steps first (cuDNN autotuning, allocator, compile)."),
-    workers: int = typer.Option(2, min=0, help="DataLoader workers."),
-    device: str = typer.Option("auto", help="'auto', 'cuda', 'cuda:1' or 'cpu'."),
-    amp: str = typer.Option("auto", help="'auto' (bf16 on GPUs that have it), 'bf16', 'fp16' or 'off'."),
-    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="NHWC memory layout."),
+    workers: int = typer.Option(_TRAIN["workers"], min=0, help=field_help(TrainConfig, "workers", False)),
+    device: str = typer.Option(_TRAIN["device"], help=field_help(TrainConfig, "device", False)),
+    amp: str = typer.Option(_TRAIN["amp"], help=field_help(TrainConfig, "amp", False)),
+    channels_last: bool = typer.Option(_TRAIN["channels_last"], "--channels-last/--no-channels-last",
+                                       help=field_help(TrainConfig, "channels_last", False)),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
     conditions: Optional[str] = typer.Option(None, help="Conditions to train (default: all in the cache)."),
     out: Optional[Path] = typer.Option(None, help=OUT_HELP),
@@ -124,14 +132,9 @@ def train(
     """Training samples/s of the real model, and loader headroom (loader samples/s / what the model consumes)."""
     from lsdc.bench.train_bench import bench_train
 
-    chosen = None
-    if conditions:
-        from cache.rsna import CONDITION_GROUP, CONDITIONS, slug
+    from cache.rsna import expand_conditions
 
-        parts = [p.strip() for p in conditions.split(",") if p.strip()]
-        chosen = tuple(c for c in CONDITIONS if any(p in (c, slug(c), CONDITION_GROUP[c]) for p in parts))
-        if not chosen:
-            raise typer.BadParameter(f"no known condition in {conditions!r}")
+    chosen = expand_conditions(conditions) if conditions else None
     result = bench_train(cache_path, backbone=backbone, image_size=image_size, batch_size=batch_size, steps=steps,
                          warmup=warmup, workers=workers, device=device, amp=amp, channels_last=channels_last,
                          compile=compile, conditions=chosen, command=_command_line(ctx))

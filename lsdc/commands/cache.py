@@ -14,11 +14,7 @@ PATH_ARG = typer.Argument(..., help="Cache directory (or a URL zarr understands,
 def _open(path: str):
     import cache
 
-    try:
-        return cache.open(path)
-    except cache.CacheError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    return cache.open(path)  # a CacheError is a UserError: one line (lsdc.cli.LsdcGroup)
 
 
 def _table(title: str, counts: dict) -> str:
@@ -78,14 +74,11 @@ def show(
     out: Path | None = typer.Option(None, help="PNG to write (default: show_<study>_<condition>_<level>.png)"),
 ) -> None:
     """Draw one sample as a grid of slices x windows and save it as a PNG."""
+    from cache.errors import InputError
     from cache.io import atomic_write
     from cache.rsna import parse_condition, parse_level, slug
 
-    try:
-        condition, level = parse_condition(condition), parse_level(level)
-    except ValueError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    condition, level = parse_condition(condition), parse_level(level)
     c = _open(path)
     view = c.select(study_id=study, condition=condition, level=level)
     if not 0 <= row < len(view):
@@ -96,15 +89,8 @@ def show(
             why = f"study {study} has no {condition} {level} sample (no coordinate, or it failed: see the errors)"
         else:
             why = f"{len(view)} samples match study {study}, {condition} {level}; --row {row} is out of range"
-        typer.secho(f"error: {why}", fg="red", err=True)
-        raise typer.Exit(2)
+        raise InputError(why)
     out = out or Path(f"show_{study}_{slug(condition)}_{slug(level)}.png")
-    try:
-        fig = view.show(row)
-    except ImportError as e:
-        if "matplotlib" not in str(e):
-            raise
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    fig = view.show(row)  # without matplotlib: the missing module's role is named (lsdc.cli)
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     typer.echo(f"wrote {out}")

@@ -25,11 +25,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The official competition score of out-of-fold predictions or of a submission, plus balanced accuracy,
         recall and confusion."""
-        from lsdc.commands.errors import user_errors
         from train.evaluate import evaluate as run_evaluate
 
-        with user_errors("evaluate"):
-            result = run_evaluate(inputs, labels_csv=labels, out_dir=out, calibrate=calibrate)
+        result = run_evaluate(inputs, labels_csv=labels, out_dir=out, calibrate=calibrate)
         s = result["score"]
         parts = "  ".join(f"{k} {s[k]:.4f}" for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal"))
         typer.echo(f"score {s['score']:.4f}{' (partial)' if s['partial'] else ''}  |  {parts}")

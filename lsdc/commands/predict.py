@@ -28,13 +28,11 @@ def register(app: typer.Typer) -> None:
         """Fold-ensemble inference on a test cache -> row_id,normal_mild,moderate,severe for every study x 25."""
         import pandas as pd
 
-        from lsdc.commands.errors import user_errors
         from train.predict import missing_log
         from train.predict import predict as run_predict
 
-        with user_errors("predict"):
-            sub = run_predict(checkpoints, cache, out, sample_submission=sample_submission, tta=tta, device=device,
-                              temperature=temperature)
+        sub = run_predict(checkpoints, cache, out, sample_submission=sample_submission, tta=tta, device=device,
+                          temperature=temperature)
         missing = pd.read_csv(missing_log(out))
         filled = (f"{len(missing)} filled with a prior, listed with its source in {missing_log(out)}" if len(missing)
                   else "every one from the models")

@@ -1,4 +1,5 @@
-"""`lsdc prep`."""
+"""`lsdc prep`: a thin wrapper over `prep.build.build`. Every pixel-deciding option is a PrepConfig field of the same
+name, its default and help read from the dataclass (cache.settings), never typed here."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from cache.settings import defaults, field_help
+from prep.config import PrepConfig
+
+_DEFAULT = defaults(PrepConfig)
+
+
+def _opt(name: str, **kwargs):
+    """An option for PrepConfig.<name>: its default and its comment as the help."""
+    return typer.Option(_DEFAULT[name], help=field_help(PrepConfig, name, default=False), **kwargs)
 
 
 def register(app: typer.Typer) -> None:
@@ -15,21 +26,21 @@ def register(app: typer.Typer) -> None:
     def prep(
         data_dir: Path = typer.Argument(..., help="Competition layout: CSVs + {train,test}_images/."),
         out: Path = typer.Argument(..., help="Cache directory to create (or resume)."),
-        split: str = typer.Option("train", help="'train' or 'test' (test needs --coords)."),
-        coords: Optional[Path] = typer.Option(None, help="Coordinates CSV (train_label_coordinates.csv columns)."),
+        split: str = _opt("split"),
+        coords: Optional[Path] = typer.Option(None, help=field_help(PrepConfig, "coords", default=False)),
         conditions: Optional[str] = typer.Option(
             None, help="Comma list of conditions, slugs or groups (spinal, foraminal, subarticular); default all."),
-        studies: Optional[int] = typer.Option(None, help="Only the first N studies (ascending id)."),
-        slices: int = typer.Option(7, help="Slices per stack, centred on the labelled one."),
-        size: int = typer.Option(256, help="Output crop side in pixels."),
-        crop_scale: float = typer.Option(0.75, help="Half-side = crop-scale x crop-mm (seed: 0.75)."),
-        crop_mm: float = typer.Option(170.0, help="Base half-side in mm (170: the seed's 192 px on a 0.66 mm scan)."),
-        windows: Optional[str] = typer.Option(
-            None, help="Three NAME:LO:HI percentile windows, comma-separated; default soft:50:99.5, "
-                       "wide:0.5:99.5, full:0:100."),
-        clahe_clip: float = typer.Option(2.0, help="CLAHE clip limit per window channel (0 = off)."),
-        clahe_tiles: int = typer.Option(8, help="CLAHE tiles per side."),
-        codec: str = typer.Option("crc32c", help="Chunk codec: crc32c (raw + checksum), zstd-1, zstd-3, lz4, none."),
+        studies: Optional[int] = typer.Option(None, help=field_help(PrepConfig, "studies", default=False)),
+        slices: int = _opt("slices"),
+        size: int = _opt("size"),
+        crop_scale: float = _opt("crop_scale"),
+        crop_base_mm: float = _opt("crop_base_mm"),
+        windows: str = typer.Option(",".join(f"{w.name}:{w.lo:g}:{w.hi:g}" for w in _DEFAULT["windows"]),
+                                    help=field_help(PrepConfig, "windows", default=False)),
+        clahe_clip: float = _opt("clahe_clip"),
+        clahe_tiles: int = _opt("clahe_tiles"),
+        percentile_stride: int = _opt("percentile_stride"),
+        codec: str = _opt("codec"),
         workers: int = typer.Option(2, help="Local worker processes (one thread each)."),
         scheduler: Optional[str] = typer.Option(
             None, help="dask.distributed scheduler address (tcp://host:8786), or processes/threads/synchronous."),
@@ -38,26 +49,16 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (LSDC_NO_PROGRESS=1 off)."),
     ) -> None:
         """DICOM -> 7-slice, 3-window, CLAHE'd, mm-sized crops -> a Zarr cache (Dask, resumable)."""
-
-        from prep.build import build
-        from prep.config import DEFAULT_WINDOWS, PrepConfig, parse_conditions, parse_windows
-        from prep.samples import TableError
-
-        from cache import CacheError
         from cache.io import progress_enabled
+        from prep.build import build
+        from prep.config import parse_conditions, parse_windows
 
-        try:
-            config = PrepConfig(
-                split=split, coords=str(coords.resolve()) if coords else None,
-                conditions=parse_conditions(conditions) if conditions else PrepConfig().conditions,
-                studies=studies, slices=slices, size=size, crop_scale=crop_scale, crop_base_mm=crop_mm,
-                windows=parse_windows(windows) if windows else DEFAULT_WINDOWS, clahe_clip=clahe_clip,
-                clahe_tiles=clahe_tiles, codec=codec)
-            show = progress and progress_enabled()
-            result = build(data_dir, out, config, workers=workers, scheduler=scheduler, clean=not resume,
-                           progress=show)
-        except (ValueError, TableError, CacheError) as e:
-            typer.echo(f"lsdc prep: {e}", err=True)
-            raise typer.Exit(2) from None
+        config = PrepConfig(
+            split=split, coords=str(coords.resolve()) if coords else None,
+            conditions=parse_conditions(conditions) if conditions else _DEFAULT["conditions"], studies=studies,
+            slices=slices, size=size, crop_scale=crop_scale, crop_base_mm=crop_base_mm, windows=parse_windows(windows),
+            clahe_clip=clahe_clip, clahe_tiles=clahe_tiles, percentile_stride=percentile_stride, codec=codec)
+        result = build(data_dir, out, config, workers=workers, scheduler=scheduler, clean=not resume,
+                       progress=progress and progress_enabled())
         typer.echo(result.summary())
         raise typer.Exit(result.exit_code(strict))

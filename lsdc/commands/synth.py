@@ -39,11 +39,9 @@ def register(app: typer.Typer) -> None:
                                        help="Replace a synthetic dataset made with other options."),
     ) -> None:
         """Write a synthetic dataset in the RSNA 2024 lumbar spine layout: CSVs + DICOM series from 3D phantoms."""
-        from lsdc.commands.errors import user_errors
         from prep.synth import synth
 
-        with user_errors("synth"):
-            summary = synth(out, studies=studies, seed=seed, image_size=parse_size(image_size),
-                            difficulty=difficulty, from_tables=from_tables, faults=faults, workers=workers,
-                            overwrite=overwrite)
+        summary = synth(out, studies=studies, seed=seed, image_size=parse_size(image_size),
+                        difficulty=difficulty, from_tables=from_tables, faults=faults, workers=workers,
+                        overwrite=overwrite)
         typer.echo(json.dumps(summary, indent=2))

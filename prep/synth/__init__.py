@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.errors import InputError, SettingError
 from cache.io import atomic_write_bytes, atomic_write_json, progress_options
 from prep.synth.tables import draw_labels, read_real, write_tables
 
@@ -118,11 +119,11 @@ def synth(out_dir: str | os.PathLike, studies: int = 50, seed: int = 0, image_si
     """
     lo, hi = int(image_size[0]), int(image_size[1])
     if not (16 <= lo <= hi):
-        raise ValueError(f"image_size must be (lo, hi) with 16 <= lo <= hi, got {image_size}")
+        raise SettingError(f"image_size must be (lo, hi) with 16 <= lo <= hi, got {image_size}")
     if studies < 1:
-        raise ValueError(f"studies must be >= 1, got {studies}")
+        raise SettingError(f"studies must be >= 1, got {studies}")
     if not 0.0 <= difficulty <= 1.0:
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+        raise SettingError(f"difficulty must be in [0, 1], got {difficulty}")
     cfg = SynthConfig(studies, seed, (lo, hi), float(difficulty), str(from_tables) if from_tables else None, faults)
     out = Path(out_dir)
     _claim(out, asdict(cfg), overwrite)
@@ -179,12 +180,12 @@ def _claim(out: Path, config: dict, overwrite: bool) -> None:
         return
     manifest = out / "synth_manifest.json"
     if not manifest.exists():
-        raise ValueError(f"{out} is not empty and holds no lsdc synthetic dataset: choose an empty or new folder")
+        raise InputError(f"{out} is not empty and holds no lsdc synthetic dataset: choose an empty or new folder")
     made_with = json.loads(manifest.read_text()).get("config")
     if made_with == json.loads(json.dumps(config)):
         return
     if not overwrite:
-        raise ValueError(f"{out} holds a synthetic dataset made with other settings ({made_with}); choose another "
+        raise InputError(f"{out} holds a synthetic dataset made with other settings ({made_with}); choose another "
                          "folder, or pass --overwrite (overwrite=True) to delete it and write the new one")
     shutil.rmtree(out)
 
