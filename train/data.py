@@ -127,26 +127,29 @@ def want_in_memory(setting: str | bool, nbytes: int) -> bool:
     return bool(setting)
 
 
-def make_loader(dataset: CacheDataset, batch_size: int, workers: int, train: bool, seed: int, rank: int = 0,
+def make_loader(dataset: Dataset, batch_size: int, workers: int, train: bool, seed: int, rank: int = 0,
                 world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """Training: shuffled, each rank its own shard, the order fixed by (seed, epoch) via `sampler.set_epoch`.
+    """The loader of every model lsdc trains. Training: shuffled, each rank its own shard, the order fixed by
+    (seed, epoch) via `sampler.set_epoch`. Validation/prediction: in order, unsharded.
 
-    Validation/prediction: in order, unsharded. Samples already in RAM need no worker processes.
+    A CacheDataset returns whole batches (its `__getitems__`) and, with worker processes, sends them through reused
+    shared slots; samples already in RAM need no worker processes. Any other dataset is collated by torch.
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=False) if train else None
-    workers = 0 if dataset.images is not None else workers
+    batched = isinstance(dataset, CacheDataset)
+    workers = 0 if getattr(dataset, "images", None) is not None else workers
     # Its own generator: each new iterator (and each epoch of persistent workers) draws a worker seed from it, which
     # from the global RNG would shift dropout's stream depending on when the workers were started (a resume).
     generator = torch.Generator().manual_seed(seed + rank)
     ring = None
-    if workers > 0 and dataset.shape is not None and _forks():
+    if batched and workers > 0 and dataset.shape is not None and _forks():
         # Reused shared slots (train.batch_ring): prefetch_factor batches in flight per worker, plus the one the
         # consumer holds and the one it is about to drop.
         ring = BatchRing(workers, PREFETCH + 2, (batch_size, *dataset.shape))
     return CacheLoader(dataset, ring, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                        pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False, generator=generator,
-                       collate_fn=batch_as_is, prefetch_factor=PREFETCH if workers > 0 else None,
+                       collate_fn=batch_as_is if batched else None, prefetch_factor=PREFETCH if workers > 0 else None,
                        worker_init_fn=partial(_attach_ring, ring) if ring is not None else None)
 
 

@@ -18,14 +18,18 @@ log = logging.getLogger(__name__)
 
 
 def make_folds(index: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
-    """One row per study: study_id, fold. Unlabelled samples form their own stratum (label -1)."""
+    """One row per study: study_id, fold. Unlabelled samples form their own stratum (label -1); `index` needs
+    study_id, and label to stratify by (absent: one stratum)."""
     studies = index["study_id"].to_numpy(dtype=np.int64)
     n_studies = len(np.unique(studies))
     if n_studies < n_folds:
         raise InputError(f"{n_folds} folds need at least {n_folds} studies; the cache selection has {n_studies}")
     # sort first: the assignment must not depend on the order the cache happened to be written in
-    order = np.lexsort((index["level"].astype(str).to_numpy(), index["condition"].astype(str).to_numpy(), studies))
-    y = index["label"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)[order]
+    # (study, condition, level) for crops; a task whose samples are other things (series) sorts by study only
+    keys = [index[c].astype(str).to_numpy() for c in ("level", "condition") if c in index.columns]
+    order = np.lexsort((*keys, studies))
+    label = index["label"] if "label" in index.columns else pd.Series(pd.NA, index=index.index)
+    y = label.astype("Int64").fillna(-1).to_numpy(dtype=np.int64)[order]
     groups = studies[order]
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold_of: dict[int, int] = {}
