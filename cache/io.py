@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from cache.errors import InputError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> None:
     """Call ``write(tmp_path)`` then rename the temp file onto ``path``.
@@ -68,7 +70,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from None
+            raise InputError(f"{path}:{i + 1}: not a JSON record ({e})") from None
     return records
 
 

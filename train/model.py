@@ -201,7 +201,8 @@ class LSDCModel(nn.Module):
 def build_model(cfg: TrainConfig, class_prior: torch.Tensor | None = None, pretrained: bool | None = None) -> LSDCModel:
     """The model for a resolved config (cfg.slices set). `pretrained=False` skips loading weights (checkpoints)."""
     if cfg.slices is None:
-        raise ValueError("cfg.slices is None: resolve the config against a cache first (train.loop.resolve_config)")
+        raise ValueError("cfg.slices is None: resolve the config against a cache first "
+                         "(train.grade.GraderTask.resolve_config)")
     use_pretrained = cfg.pretrained if pretrained is None else pretrained
     backbone = create_backbone(cfg.backbone, use_pretrained, cfg.weights if use_pretrained else None)
     model = LSDCModel(backbone, cfg)

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cache.errors import InputError
 from train.config import LoopConfig
 
 KINDS: dict[str, str] = {"grader": "train.grade:GraderTask", "localiser": "train.locate:LocaliserTask"}
@@ -28,7 +29,7 @@ KINDS: dict[str, str] = {"grader": "train.grade:GraderTask", "localiser": "train
 
 def task_class(kind: str) -> type[Task]:
     if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; lsdc trains {sorted(KINDS)}")
+        raise InputError(f"unknown model kind {kind!r}; lsdc trains {sorted(KINDS)}")
     module, name = KINDS[kind].split(":")
     return getattr(importlib.import_module(module), name)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cache.errors import InputError
 from lsdc.bench.common import log, machine_info, ratio, spread
 
 TARGETS = {"loader_over_raw": (">=", 0.8), "cached_over_v8": (">=", 30.0)}
@@ -40,7 +41,7 @@ def raw_file_read(path: str, rows: np.ndarray, check_crc: bool = False) -> dict[
             body = np.frombuffer(data, np.uint8, len(data) - CRC_BYTES)
             bad += crc_trailer(body) != data[-CRC_BYTES:]
     if bad:
-        raise RuntimeError(f"bench load: {bad} chunks of {path} fail their CRC; run `lsdc cache verify {path}`")
+        raise InputError(f"bench load: {bad} chunks of {path} fail their CRC; run `lsdc cache verify {path}`")
     return _rate(len(rows), time.perf_counter() - t0)
 
 

@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cache.errors import SettingError
+
 NAMES = {  # ratio key -> what it means, in words a reader of docs/benchmarks.md needs
     "build_over_plain": "build (1 worker, incl. cluster start) / its unavoidable work in a plain loop",
     "build_over_plain_excl_start": "build (1 worker, excl. cluster start) / plain loop",
@@ -184,7 +186,7 @@ def update_report(doc: str | Path, result: dict[str, Any], section: str | None =
     doc = Path(doc)
     key = section_key(result) if section is None else section
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
-        raise ValueError(f"report section {key!r}: use letters, digits, '.', '_' or '-'")
+        raise SettingError(f"report section {key!r}: use letters, digits, '.', '_' or '-'")
     start, end = f"<!-- lsdc-bench:{key}:start -->", f"<!-- lsdc-bench:{key}:end -->"
     block = f"{start}\n{render(result)}{end}"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
