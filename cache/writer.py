@@ -82,10 +82,17 @@ class CacheWriter:
         deletes it first, or it holds no sample at all (nothing to lose). A directory that is not a cache is never
         deleted.
         """
+        shape = [int(n_rows), int(slices), 3, int(size), int(size)]
+        return cls._create(path, config, clean, codec, {"shape": shape})
+
+    @classmethod
+    def _create(cls, path: str | os.PathLike, config: dict[str, Any] | None, clean: bool, codec: str,
+                layout: dict[str, Any]) -> CacheWriter:
+        """Create, resume or (clean / nothing to lose) replace the store at `path`. `layout`: what besides the config
+        must match for a resume (the crops' array shape; the volumes' grid), as stored in the build attributes."""
         config = json.loads(json.dumps(config or {}, default=str))  # stored exactly as hashed (tuples -> lists)
         root = local_path(path)
         want_hash = fmt.config_hash(config)
-        shape = (int(n_rows), int(slices), 3, int(size), int(size))
         leftovers = [p for p in root.iterdir() if p.name != fmt.LOCK_FILE] if root.is_dir() else []
         if leftovers and not _is_cache(root):
             raise CacheError(f"{root} exists and is not an lsdc cache ({leftovers[0].name} inside); "
@@ -93,15 +100,15 @@ class CacheWriter:
         if codec not in fmt.CODECS:  # before anything is deleted
             raise ValueError(f"unknown codec {codec!r}; choose one of {list(fmt.CODECS)}")
         build = zarr.open_group(str(root), mode="r").attrs.get("build", {}) if leftovers and not clean else {}
-        built_as = (build.get("format_version"), build.get("config_hash"), tuple(build.get("shape", ())))
-        if build and built_as != (fmt.FORMAT_VERSION, want_hash, shape) and not _holds_samples(root):
+        same = (build.get("format_version"), build.get("config_hash"), *(build.get(k) for k in layout)) == (
+            fmt.FORMAT_VERSION, want_hash, *layout.values())
+        if build and not same and not cls._holds_data(root):
             log.warning("%s holds no sample (built with other settings): replaced by this build", root)
             clean = True  # (the same build, even with no sample yet, resumes as usual)
         if leftovers and clean:
             _clear(root)
         elif leftovers:
-            writer = cls(root)
-            have_hash, have_shape = build.get("config_hash"), tuple(build.get("shape", ()))
+            have_hash = build.get("config_hash")
             if build.get("format_version") != fmt.FORMAT_VERSION:
                 raise CacheConfigMismatch(
                     f"cache at {root} was started by an lsdc writing cache format {build.get('format_version')}, "
@@ -112,25 +119,33 @@ class CacheWriter:
                     f"cache at {root} was built with config {have_hash}, this build's config is {want_hash} "
                     f"({_config_diff(build.get('config', {}), config)}); rebuild it (`lsdc prep --clean`, "
                     "clean=True in Python) or choose another output path")
-            if have_shape != shape:
-                raise CacheConfigMismatch(
-                    f"cache at {root} (config {have_hash}) has shape {list(have_shape)}, this build wants "
-                    f"{list(shape)} (did the input data change?); rebuild it (`lsdc prep --clean`, clean=True in "
-                    "Python) or use another path")
-            return writer
-        return cls._new(root, shape, config, want_hash, codec)
-
-    @classmethod
-    def _new(cls, root: Path, shape: tuple[int, ...], config: dict[str, Any], chash: str, codec: str) -> CacheWriter:
+            for key, want in layout.items():
+                if build.get(key) != want:
+                    raise CacheConfigMismatch(
+                        f"cache at {root} (config {have_hash}) has {key} {build.get(key)}, this build wants {want} "
+                        "(did the input data change?); rebuild it (`lsdc prep --clean`, clean=True in Python) or "
+                        "use another path")
+            return cls(root)
         root.mkdir(parents=True, exist_ok=True)
-        build = {"format_version": fmt.FORMAT_VERSION, "finalised": False, "config_hash": chash, "config": config,
-                 "shape": list(shape), "codec": codec}
-        group = zarr.create_group(str(root), attributes={"build": build})  # overwrite would delete the lock
-        group.create_array(fmt.ARRAY, shape=shape, chunks=(1, *shape[1:]), dtype="uint8", fill_value=0,
-                           compressors=fmt.CODECS[codec], chunk_key_encoding=fmt.CHUNK_KEY_ENCODING,
-                           dimension_names=fmt.DIMENSIONS)
+        build = {"format_version": fmt.FORMAT_VERSION, "finalised": False, "config_hash": want_hash, "config": config,
+                 **layout, "codec": codec}
+        cls._new(root, build)
         (root / fmt.PROGRESS_DIR).mkdir(exist_ok=True)
         return cls(root)
+
+    @classmethod
+    def _holds_data(cls, root: Path) -> bool:
+        """Has any chunk been written? A cache without one (e.g. a build whose every sample failed) loses nothing
+        when a build with other settings replaces it."""
+        return _holds_samples(root)
+
+    @classmethod
+    def _new(cls, root: Path, build: dict[str, Any]) -> None:
+        shape = build["shape"]
+        group = zarr.create_group(str(root), attributes={"build": build})  # overwrite would delete the lock
+        group.create_array(fmt.ARRAY, shape=shape, chunks=(1, *shape[1:]), dtype="uint8", fill_value=0,
+                           compressors=fmt.CODECS[build["codec"]], chunk_key_encoding=fmt.CHUNK_KEY_ENCODING,
+                           dimension_names=fmt.DIMENSIONS)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> CacheWriter:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ class BuildResult:
     resumed: int  # tasks found finished by an earlier, interrupted run
     seconds: float
     finalised: bool
+    unit: str = "samples"  # what `candidates` and `built` count: crop samples, or series volumes
 
     def exit_code(self, strict: bool = False) -> int:
         """Non-zero only when nothing was built, or with strict when anything failed."""
@@ -55,8 +56,10 @@ class BuildResult:
 
     def summary(self) -> str:
         rate = (self.built / self.seconds) if self.seconds > 0 else float("nan")
-        lines = [f"prep: {self.built} of {self.candidates} samples built into {self.out} "
-                 f"({self.tasks} series tasks, {self.resumed} resumed) in {self.seconds:.1f} s ({rate:.1f} samples/s)"]
+        what = (f"{self.built} of {self.candidates} samples" if self.unit == "samples"
+                else f"{self.built} {self.unit} of {self.candidates} series")
+        lines = [f"prep: {what} built into {self.out} ({self.tasks} series tasks, {self.resumed} resumed) in "
+                 f"{self.seconds:.1f} s ({rate:.1f} {self.unit}/s)"]
         if len(self.errors):
             lines.append(f"{len(self.errors)} errors (errors.parquet):")
             # one line per kind: a trailing "(...)" dropped and numbers as N, so "series 80 of study 8 ..." and
@@ -157,7 +160,20 @@ def local_cluster(workers: int):
                             dashboard_address=":0")  # any free port: two builds (or Jupyter) never collide on 8787
 
 
-def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, address: str | None,
+# What a build runs: the worker's function for one task, and the records of a task that crashed. The crop cache's is
+# (run_task, _failed_task); the volume cache's is prep.volumes' (run_volume_task, failed_volume_task).
+Job = tuple[Callable[[dict[str, Any], str, dict[str, Any]], list[Record]], Callable[[dict[str, Any], BaseException],
+                                                                                  list[Record]]]
+
+
+def run_tasks(job: Job, tasks: list[dict], out: str, config: dict, workers: int, scheduler: str | None,
+              progress: bool) -> Iterator[tuple[dict, list[Record]]]:
+    """(task, records) for every task as it finishes, on dask's local schedulers or a dask.distributed cluster."""
+    run = _run_local if scheduler in LOCAL_SCHEDULERS else _run_distributed
+    yield from run(job, tasks, out, config, workers, scheduler, progress)
+
+
+def _run_distributed(job: Job, tasks: list[dict], out: str, config: dict, workers: int, address: str | None,
                      progress: bool) -> Iterator[tuple[dict, list[Record]]]:
     from dask.distributed import Client, as_completed
     from tqdm.auto import tqdm
@@ -168,7 +184,7 @@ def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, ad
         cluster = local_cluster(workers)
         client = Client(cluster)
     try:
-        futures = client.map(run_task, tasks, out=out, config=config, pure=False,
+        futures = client.map(job[0], tasks, out=out, config=config, pure=False,
                              key=[f"lsdc-prep-{t['key']}-{i}" for i, t in enumerate(tasks)])
         task_of = {f.key: t for f, t in zip(futures, tasks)}
         for future in tqdm(as_completed(futures), total=len(futures), desc="prep", unit="series",
@@ -177,7 +193,7 @@ def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, ad
             try:
                 records = future.result()
             except Exception as e:  # KilledWorker, a worker's exception: reported per sample, never lost
-                records = _failed_task(task, e)
+                records = job[1](task, e)
             future.release()
             yield task, records
     finally:
@@ -186,16 +202,16 @@ def _run_distributed(tasks: list[dict], out: str, config: dict, workers: int, ad
             cluster.close()
 
 
-def _run_local(tasks: list[dict], out: str, config: dict, workers: int, scheduler: str,
+def _run_local(job: Job, tasks: list[dict], out: str, config: dict, workers: int, scheduler: str,
                progress: bool) -> Iterator[tuple[dict, list[Record]]]:
     import dask
     from dask.diagnostics import ProgressBar
 
     def safe(task: dict) -> list[Record]:
         try:
-            return run_task(task, out, config)
+            return job[0](task, out, config)
         except Exception as e:  # a crashed task: reported per sample, retried by the next run
-            return _failed_task(task, e)
+            return job[1](task, e)
 
     graph = [dask.delayed(safe, pure=False)(t) for t in tasks]
     bar = ProgressBar() if progress else None
@@ -255,10 +271,9 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
         if stop_after is not None:
             pending = pending[:stop_after]
         _test_pause("plan", out)
-        run = _run_local if scheduler in LOCAL_SCHEDULERS else _run_distributed
         records = [r for recs in done.values() for r in recs]
         if pending:
-            for _, recs in run(pending, str(out), cfg, workers, scheduler, progress):
+            for _, recs in run_tasks((run_task, _failed_task), pending, str(out), cfg, workers, scheduler, progress):
                 records += recs
         index, errors = _frames(records, table_errors)
         finalised = stop_after is None

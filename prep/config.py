@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cache.rsna import CONDITIONS
+from cache.errors import SettingError
+from cache.rsna import CONDITIONS, SERIES_DESCRIPTIONS
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,50 @@ class PrepConfig:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class VolumeConfig:
+    """Settings of one volume-cache build (the localiser's input): every setting that decides its voxels."""
+
+    split: str = "train"  # 'train' or 'test': which {split}_series_descriptions.csv and {split}_images/ to read
+    studies: int | None = None  # first N study ids (ascending) of the split; None = all
+    descriptions: tuple[str, ...] = SERIES_DESCRIPTIONS  # which series to build, by series description
+    grid: int = 256  # G: every slice resampled onto G x G cells (aspect kept in mm, padded)
+    window: Window = Window("wide", 0.5, 99.5)  # the one intensity window, percentiles of the volume's own voxels
+    percentile_stride: int = 2  # window percentiles from every k-th row of the slices
+    codec: str = "crc32c"  # chunk codec (cache.format.CODECS)
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "test"):
+            raise SettingError(f"split must be 'train' or 'test', got {self.split!r}")
+        unknown = [d for d in self.descriptions if d not in SERIES_DESCRIPTIONS]
+        if unknown or not self.descriptions:
+            raise SettingError(f"unknown series descriptions {unknown}; expected some of {SERIES_DESCRIPTIONS}")
+        if not 16 <= self.grid <= 2048:
+            raise SettingError(f"grid must be 16..2048 cells, got {self.grid}")
+        if self.percentile_stride < 1 or (self.studies is not None and self.studies < 1):
+            raise SettingError("percentile_stride and studies must be >= 1")
+        from cache.format import CODECS
+
+        if self.codec not in CODECS:
+            raise SettingError(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["descriptions"] = list(self.descriptions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VolumeConfig":
+        d = dict(d)
+        if extra := set(d) - {f.name for f in fields(cls)}:
+            raise SettingError(f"unknown VolumeConfig keys {sorted(extra)}")
+        if "descriptions" in d:
+            d["descriptions"] = tuple(d["descriptions"])
+        if isinstance(d.get("window"), dict):
+            d["window"] = Window(**d["window"])
+        return cls(**d)
+
+
 def parse_conditions(text: str) -> tuple[str, ...]:
     """'spinal_canal_stenosis,Left Neural Foraminal Narrowing', a group ('spinal', 'foraminal', 'subarticular') or
     'all' (cache.rsna.expand_conditions), in competition order whatever order the user typed."""
@@ -132,4 +177,4 @@ def parse_windows(text: str) -> tuple[Window, ...]:
     return tuple(Window.parse(p) for p in text.split(",") if p.strip())
 
 
-__all__ = ["DEFAULT_WINDOWS", "PrepConfig", "Window", "parse_conditions", "parse_windows"]
+__all__ = ["DEFAULT_WINDOWS", "PrepConfig", "VolumeConfig", "Window", "parse_conditions", "parse_windows"]

@@ -73,7 +73,7 @@ def _bad_ids(row: tuple, names: tuple[str, ...]) -> str | None:
     return f"{', '.join(bad)} not a non-negative integer id" if bad else None
 
 
-def _series_table(path: Path, errors: list[dict]) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], str]]:
+def series_table(path: Path, errors: list[dict]) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], str]]:
     """-> ((study, series) -> description, (study, series) -> why that series is unusable, e.g. an unknown
     description; it is reported on every sample that points at the series)."""
     good: dict[tuple[int, int], str] = {}
@@ -93,7 +93,7 @@ def _series_table(path: Path, errors: list[dict]) -> tuple[dict[tuple[int, int],
 def split_studies(data_dir: str | Path, split: str) -> list[int]:
     """Every study of a split: those with a series in ``{split}_series_descriptions.csv`` (an unknown description
     included), so a test study without any usable coordinate still gets its submission rows."""
-    good, bad = _series_table(Path(data_dir) / f"{split}_series_descriptions.csv", [])
+    good, bad = series_table(Path(data_dir) / f"{split}_series_descriptions.csv", [])
     return sorted({study for study, _ in (*good, *bad)})
 
 
@@ -140,7 +140,7 @@ def read_samples(data_dir: str | Path, config: PrepConfig) -> tuple[pd.DataFrame
                          "train_series_descriptions.csv, train_images/ ...)")
     split = config.split
     errors: list[dict] = []
-    series, bad_series = _series_table(data_dir / f"{split}_series_descriptions.csv", errors)
+    series, bad_series = series_table(data_dir / f"{split}_series_descriptions.csv", errors)
     labels = _labels_table(data_dir / "train.csv", errors) if split == "train" else {}
     known_studies = sorted(labels) if split == "train" else sorted({s for s, _ in series})
     known = set(known_studies)
