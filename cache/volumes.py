@@ -64,6 +64,24 @@ VOLUME_SCHEMA = pa.schema([
 ])
 VOLUME_COLUMNS: tuple[str, ...] = tuple(VOLUME_SCHEMA.names)
 
+# The labelled points on the volumes (train split, or a test split built with --coords): one row per coordinate row
+# that lands on a volume. (k, u, v) are the volume's slice and grid cell (cache.volume_geometry).
+TARGETS_FILE = "targets.parquet"
+TARGET_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("study_id", pa.int64()),
+    ("series_id", pa.int64()),
+    ("condition", pa.string()),
+    ("level", pa.string()),
+    ("instance_number", pa.int64()),
+    ("x", pa.float64()),  # the coordinate as given: source pixels of that instance
+    ("y", pa.float64()),
+    ("k", pa.int64()),
+    ("u", pa.float64()),
+    ("v", pa.float64()),
+])
+TARGET_COLUMNS: tuple[str, ...] = tuple(TARGET_SCHEMA.names)
+
 
 def volume_key(study_id: int, series_id: int, stack: int) -> str:
     return f"{int(study_id)}_{int(series_id)}_{int(stack)}"
@@ -124,8 +142,8 @@ class VolumeWriter(CacheWriter):
         return lost
 
     def finalise(self, index_df: pd.DataFrame, errors_df: pd.DataFrame | None = None,
-                 extra_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Check the index (every volume written), write index and errors, then the manifest LAST."""
+                 extra_manifest: dict[str, Any] | None = None, targets: pd.DataFrame | None = None) -> dict[str, Any]:
+        """Check the index (every volume written), write index, errors and targets, then the manifest LAST."""
         build = self.build_info
         index = index_df.reindex(columns=list(VOLUME_COLUMNS)).sort_values(["study_id", "series_id", "stack"])
         index["row"] = np.arange(len(index), dtype=np.int64)
@@ -140,8 +158,10 @@ class VolumeWriter(CacheWriter):
             "config_hash": fmt.config_hash(build["config"]), "versions": fmt.package_versions(),
             "array": {"group": GROUP, "chunk_key": f"{GROUP}/{{key}}/{CHUNK}", "dtype": "uint8", "grid": build["grid"],
                       "dimension_names": ["slice", "y", "x"], "codec": build["codec"], "checksum": fmt.CHECKSUM},
-            "files": {"index": fmt.INDEX_FILE, "errors": fmt.ERRORS_FILE},
+            "files": {"index": fmt.INDEX_FILE, "errors": fmt.ERRORS_FILE,
+                      **({"targets": TARGETS_FILE} if targets is not None else {})},
             "counts": {"volumes": len(index), "slices": int(index["n_slices"].sum()),
+                       "targets": None if targets is None else len(targets),
                        "studies": int(index["study_id"].nunique()), "series": int(index["series_id"].nunique()),
                        "by_series_description": {str(k): int(v) for k, v in
                                                  index["series_description"].value_counts().sort_index().items()},
@@ -151,7 +171,10 @@ class VolumeWriter(CacheWriter):
         if manifest["config_hash"] != build["config_hash"]:
             raise CacheConfigMismatch(f"volume cache at {self.root}: the stored config no longer hashes to "
                                       f"{build['config_hash']}")
-        for name, df, schema in ((fmt.INDEX_FILE, index, VOLUME_SCHEMA), (fmt.ERRORS_FILE, errors, fmt.ERRORS_SCHEMA)):
+        tables = [(fmt.INDEX_FILE, index, VOLUME_SCHEMA), (fmt.ERRORS_FILE, errors, fmt.ERRORS_SCHEMA)]
+        if targets is not None:
+            tables.append((TARGETS_FILE, targets.reindex(columns=list(TARGET_COLUMNS)), TARGET_SCHEMA))
+        for name, df, schema in tables:
             table = fmt.to_table(df, schema)
             atomic_write(self.root / name, lambda tmp, t=table: pq.write_table(t, tmp))
         zarr.open_group(str(self.root), mode="r+").attrs.update({"build": {**build, "finalised": True},
@@ -164,13 +187,15 @@ class VolumeReader:
     """A finalised volume cache: `index` (one row per volume), `errors`, `manifest`, `len`, `reader[i]` -> uint8
     (D, G, G), `geometry(i)` -> VolumeGeometry, `select(...)` -> a view. Picklable (zarr opened lazily)."""
 
-    def __init__(self, path: str, manifest: dict[str, Any], index: pd.DataFrame, errors: pd.DataFrame):
+    def __init__(self, path: str, manifest: dict[str, Any], index: pd.DataFrame, errors: pd.DataFrame,
+                 targets: pd.DataFrame | None = None):
         self.path, self.manifest, self.index, self.errors = path, manifest, index.reset_index(drop=True), errors
+        self.targets = targets if targets is not None else pd.DataFrame(columns=list(TARGET_COLUMNS))
         self._group: zarr.Group | None = None
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: self.__dict__[k] for k in ("path", "manifest", "index", "errors")}
+        return {k: self.__dict__[k] for k in ("path", "manifest", "index", "errors", "targets")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -206,7 +231,9 @@ class VolumeReader:
         for column, value in where.items():
             values = value if isinstance(value, (list, tuple, set)) else [value]
             keep &= self.index[column].isin(list(values)).to_numpy()
-        return VolumeReader(self.path, self.manifest, self.index[keep], self.errors)
+        index = self.index[keep]
+        return VolumeReader(self.path, self.manifest, index, self.errors,
+                            self.targets[self.targets["key"].isin(set(index["key"]))])
 
     def __repr__(self) -> str:
         counts = self.manifest.get("counts", {})
@@ -233,7 +260,32 @@ def open_volumes(path: str | os.PathLike) -> VolumeReader:
     fmt.check_manifest(manifest, where)
     index = _read_parquet(store, f"{prefix}{fmt.INDEX_FILE}", where)
     errors = _read_parquet(store, f"{prefix}{fmt.ERRORS_FILE}", where)
-    return VolumeReader(where, manifest, index, errors)
+    targets = _read_parquet(store, f"{prefix}{TARGETS_FILE}", where) if "targets" in manifest.get("files", {}) \
+        else None
+    return VolumeReader(where, manifest, index, errors, targets)
+
+
+def targets_on_volumes(index: pd.DataFrame, coords: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Coordinate rows (study_id, series_id, instance_number, condition, level, x, y; valid values) -> (targets on
+    the volumes (TARGET_COLUMNS), the rows that land on no volume with the reason)."""
+    where: dict[tuple[int, int], list[tuple[int, Any]]] = {}
+    for i, row in index.iterrows():
+        for k, n in enumerate(row["instance_numbers"]):
+            where.setdefault((int(row["series_id"]), int(n)), []).append((i, k))
+    out, missed = [], []
+    for r in coords.itertuples(index=False):
+        hits = where.get((int(r.series_id), int(r.instance_number)))
+        if not hits:
+            missed.append((r, f"instance {r.instance_number} of series {r.series_id} is in no volume (a missing or "
+                              "failed file, or a series not built)"))
+            continue
+        i, _ = hits[0]
+        k, u, v = geometry_of(index.loc[i]).to_volume(int(r.instance_number), float(r.x), float(r.y))
+        out.append(dict(key=index.at[i, "key"], study_id=int(r.study_id), series_id=int(r.series_id),
+                        condition=r.condition, level=r.level, instance_number=int(r.instance_number), x=float(r.x),
+                        y=float(r.y), k=int(k), u=float(u), v=float(v)))
+    return pd.DataFrame(out, columns=list(TARGET_COLUMNS)), pd.DataFrame(
+        [{**r._asdict(), "reason": why} for r, why in missed])
 
 
 def verify_volumes(reader: VolumeReader) -> pd.DataFrame:

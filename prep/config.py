@@ -125,6 +125,7 @@ class VolumeConfig:
 
     split: str = "train"  # 'train' or 'test': which {split}_series_descriptions.csv and {split}_images/ to read
     studies: int | None = None  # first N study ids (ascending) of the split; None = all
+    coords: str | None = None  # coordinates CSV whose points become targets (train: train_label_coordinates.csv)
     descriptions: tuple[str, ...] = SERIES_DESCRIPTIONS  # which series to build, by series description
     grid: int = 256  # G: every slice resampled onto G x G cells (aspect kept in mm, padded)
     window: Window = Window("wide", 0.5, 99.5)  # the one intensity window, percentiles of the volume's own voxels

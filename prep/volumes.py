@@ -25,13 +25,15 @@ import pandas as pd
 
 from cache.io import progress_enabled
 from cache.volume_geometry import GridMap, canonical_sign, plane_affine, slice_normal
-from cache.volumes import VolumeWriter, volume_key
+from cache.rsna import CONDITIONS, LEVELS
+from cache.volumes import TARGET_COLUMNS, VOLUME_COLUMNS, VolumeWriter, targets_on_volumes, volume_key
 from cache.writer import build_lock
 from prep.build import BuildResult, run_tasks
 from prep.config import VolumeConfig
 from prep.dicom import SliceHeader
 from prep.geometry import GRID_TOLERANCE_PX, sub_stacks
-from prep.samples import TableError, error, errors_frame, series_table
+from prep.samples import (COORD_COLUMNS, TableError, _bad_ids, _number, error, errors_frame, read_table,
+                          series_table)
 from prep.series import SeriesReader, index_series
 from prep.windows import apply_windows, stack_bounds
 
@@ -173,6 +175,50 @@ def plan_volume_tasks(data_dir: Path, config: VolumeConfig) -> tuple[list[dict[s
     return tasks, errors_frame(errors)
 
 
+def read_coordinates(path: Path, studies: set[int], errors: list[dict]) -> pd.DataFrame:
+    """The valid rows of a coordinates table (train_label_coordinates.csv columns) of the given studies; every other
+    row becomes an error naming its line, as prep's crop build reports them."""
+    rows, seen = [], {}
+    for r in read_table(path, COORD_COLUMNS).itertuples(index=False):
+        where = dict(study_id=r.study_id, series_id=r.series_id, instance_number=r.instance_number,
+                     condition=r.condition if r.condition in CONDITIONS else None,
+                     level=r.level if r.level in LEVELS else None)
+        reason = _bad_ids(r, ("study_id", "series_id", "instance_number"))
+        x, y = _number(r.x), _number(r.y)
+        if reason is None and int(r.study_id) not in studies:
+            continue  # another study (not selected, or not in this split's series table): neither target nor error
+        if reason is None and (r.condition not in CONDITIONS or r.level not in LEVELS):
+            reason = f"unknown condition or level {r.condition!r}, {r.level!r}"
+        if reason is None and (x is None or y is None):
+            reason = f"coordinate x={r.x!r}, y={r.y!r} is not a finite number"
+        key = (r.study_id, r.condition, r.level)
+        if reason is None and key in seen:
+            reason = f"duplicate coordinate for {key}, first at line {seen[key]}"
+        if reason is not None:
+            errors.append(error(path.name, r.line, reason, **where))
+            continue
+        seen[key] = r.line
+        rows.append(dict(study_id=int(r.study_id), series_id=int(r.series_id), instance_number=int(r.instance_number),
+                         condition=r.condition, level=r.level, x=x, y=y, line=r.line))
+    return pd.DataFrame(rows, columns=[*COORD_COLUMNS, "line"])
+
+
+def _targets(index: pd.DataFrame, coords_path: Path | None, studies: set[int], errors: list[dict]
+             ) -> pd.DataFrame | None:
+    """The coordinates as targets on the built volumes; a coordinate on no volume is an error naming its line."""
+    if coords_path is None:
+        return None
+    coords = read_coordinates(coords_path, studies, errors)
+    if index.empty:
+        return pd.DataFrame(columns=list(TARGET_COLUMNS))
+    targets, missed = targets_on_volumes(index, coords)
+    for r in missed.itertuples(index=False):
+        errors.append(error(coords_path.name, r.line, r.reason, stage="targets", study_id=r.study_id,
+                            series_id=r.series_id, instance_number=r.instance_number, condition=r.condition,
+                            level=r.level))
+    return targets
+
+
 def build_volumes(data_dir: str | os.PathLike, out: str | os.PathLike, config: VolumeConfig | None = None, *,
                   workers: int = 2, scheduler: str | None = None, clean: bool = False, progress: bool | None = None,
                   stop_after: int | None = None) -> BuildResult:
@@ -184,6 +230,10 @@ def build_volumes(data_dir: str | os.PathLike, out: str | os.PathLike, config: V
     if not data_dir.is_dir():
         raise TableError(data_dir, "no such folder (give the competition's data folder)")
     tasks, table_errors = plan_volume_tasks(data_dir, config)
+    coords_path = Path(config.coords) if config.coords else (
+        data_dir / "train_label_coordinates.csv" if config.split == "train" else None)
+    if coords_path is not None and not coords_path.is_file():
+        raise TableError(coords_path, "missing file (the train split's points become the localiser's targets)")
     cfg = config.to_dict()
     with build_lock(out):
         writer = VolumeWriter.create(out, grid=config.grid, config=cfg, clean=clean, codec=config.codec)
@@ -200,13 +250,18 @@ def build_volumes(data_dir: str | os.PathLike, out: str | os.PathLike, config: V
         for _, recs in run_tasks((run_volume_task, failed_volume_task), pending, str(out), cfg, workers, scheduler,
                                  progress_enabled(progress)) if pending else ():
             records += recs
-        index = pd.DataFrame([{k: v for k, v in r.items() if k != "ok"} for r in records if r["ok"]])
-        errors = pd.concat([table_errors, errors_frame([{k: v for k, v in r.items() if k != "ok"}
-                                                        for r in records if not r["ok"]])], ignore_index=True)
+        index = pd.DataFrame([{k: v for k, v in r.items() if k != "ok"} for r in records if r["ok"]],
+                             columns=[c for c in VOLUME_COLUMNS if c != "row"])
         finalised = stop_after is None
+        target_errors: list[dict] = []
+        studies = {t["series"]["study_id"] for t in tasks}
+        targets = _targets(index, coords_path, studies, target_errors) if finalised else None
+        errors = pd.concat([table_errors, errors_frame([{k: v for k, v in r.items() if k != "ok"}
+                                                        for r in records if not r["ok"]] + target_errors)],
+                           ignore_index=True)
         if finalised:
-            writer.finalise(index, errors, extra_manifest={"prep": {
-                "data_dir": str(data_dir.resolve()), "tasks": len(tasks),
-                "split_studies": sorted({t["series"]["study_id"] for t in tasks})}})
+            writer.finalise(index, errors, targets=targets, extra_manifest={"prep": {
+                "data_dir": str(data_dir.resolve()), "tasks": len(tasks), "coords": str(coords_path),
+                "split_studies": sorted(studies)}})
     return BuildResult(out, len(tasks), len(index), errors, len(tasks), len(done), time.perf_counter() - start,
                        finalised, unit="volumes")

@@ -182,3 +182,29 @@ def test_canonical_signs():
     assert canonical_sign([1, 0, 0]) == 1
     assert isinstance(VolumeWriter, type) and isinstance(VolumeGeometry, type)
     assert write_slice  # (fixture import kept for the fault cases below)
+
+
+def test_targets_are_the_coordinates_on_the_volumes_and_bad_rows_are_named(tmp_path):
+    from prep.synth import synth
+
+    synth(tmp_path / "d", studies=2, seed=8, image_size=(48, 64), workers=1, progress=False)
+    coords_csv = tmp_path / "d" / "train_label_coordinates.csv"
+    coords = pd.read_csv(coords_csv)
+    bad = coords.iloc[[0]].assign(x="nan")  # a NaN coordinate: an error naming its line, not a target
+    pd.concat([coords, bad]).to_csv(coords_csv, index=False)
+    build_volumes(tmp_path / "d", tmp_path / "v", VolumeConfig(grid=32), workers=1, scheduler="synchronous",
+                  progress=False)
+    reader = open_volumes(tmp_path / "v")
+    t = reader.targets
+    assert len(t) == len(coords) and set(t.columns) >= {"key", "k", "u", "v", "condition", "level"}
+    for r in t.itertuples():
+        geo = reader.geometry(reader.index.index[reader.index["key"] == r.key][0])
+        assert geo.instance_numbers[r.k] == r.instance_number
+        inst, x, y = geo.to_source(r.k, r.u, r.v)
+        assert abs(x - r.x) < 1e-6 and abs(y - r.y) < 1e-6
+    (err,) = reader.errors.itertuples()
+    assert err.path == f"train_label_coordinates.csv:{len(coords) + 2}" and "not a finite number" in err.reason
+    # the test split has no coordinates: volumes without targets
+    build_volumes(tmp_path / "d", tmp_path / "vt", VolumeConfig(grid=32, split="test"), workers=1,
+                  scheduler="synchronous", progress=False)
+    assert open_volumes(tmp_path / "vt").targets.empty
