@@ -111,6 +111,14 @@ class CacheNotFinalised(CacheError):
     """The build was interrupted or is still running."""
 
 
+class WrongCacheKind(CacheError):
+    """A cache of the other kind (a volume cache given where a crop cache is read, or the other way round)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class CacheFormatError(CacheError):
     """Unknown format version, or an index/errors table that breaks the schema."""
 

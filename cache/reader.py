@@ -299,8 +299,8 @@ def open(path: str | os.PathLike, verify_checksums: bool = False) -> CacheReader
     except json.JSONDecodeError as e:
         raise fmt.CacheFormatError(f"cache at {where}: {fmt.MANIFEST_FILE} is not valid JSON ({e})") from e
     if isinstance(manifest, dict) and manifest.get("kind") == "volumes":
-        raise fmt.CacheError(f"{where} is a volume cache (the localiser's input), not a crop cache: open it with "
-                             "cache.volumes.open_volumes")
+        raise fmt.WrongCacheKind(f"{where} is a volume cache (the localiser's input), not a crop cache: open it "
+                                 "with cache.volumes.open_volumes", "volumes")
     fmt.check_manifest(manifest, where)
     index = _read_parquet(store, f"{prefix}{fmt.INDEX_FILE}", where)
     errors = _read_parquet(store, f"{prefix}{fmt.ERRORS_FILE}", where)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from cache import format as fmt
-from cache.format import CacheConfigMismatch, CacheError, CacheFormatError, MissingChunkError
+from cache.format import CacheConfigMismatch, CacheFormatError, MissingChunkError, WrongCacheKind
 from cache.io import atomic_write, atomic_write_json
 from cache.reader import _get_bytes, _read_parquet, _store_of
 from cache.volume_geometry import GridMap, VolumeGeometry
@@ -255,8 +256,8 @@ def open_volumes(path: str | os.PathLike) -> VolumeReader:
     if not isinstance(manifest, dict):
         raise CacheFormatError(f"volume cache at {where}: {fmt.MANIFEST_FILE} is not a JSON object")
     if manifest.get("kind") != KIND:
-        raise CacheError(f"{where} is a crop cache, not a volume cache: the localiser trains on volumes "
-                         "(lsdc prep-volumes DATA OUT)")
+        raise WrongCacheKind(f"{where} is a crop cache, not a volume cache: the localiser trains on volumes "
+                             "(lsdc prep-volumes DATA OUT)", "crops")
     fmt.check_manifest(manifest, where)
     index = _read_parquet(store, f"{prefix}{fmt.INDEX_FILE}", where)
     errors = _read_parquet(store, f"{prefix}{fmt.ERRORS_FILE}", where)
@@ -288,10 +289,12 @@ def targets_on_volumes(index: pd.DataFrame, coords: pd.DataFrame) -> tuple[pd.Da
         [{**r._asdict(), "reason": why} for r, why in missed])
 
 
-def verify_volumes(reader: VolumeReader) -> pd.DataFrame:
+def verify_volumes(reader: VolumeReader, on_row: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Every index row has its volume and its checksum matches -> the bad rows (key, problem, detail)."""
     bad = []
     for i, key in enumerate(reader.index["key"]):
+        if on_row:
+            on_row(i + 1)
         try:
             got = fmt.checksum(reader[i])
         except Exception as e:  # noqa: BLE001 - a missing or undecodable volume is the finding, not a crash

@@ -18,7 +18,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from lsdc.commands import bench, cache, demo, evaluate, predict, prep, synth, train
+from lsdc.commands import bench, cache, demo, evaluate, predict, prep, prep_volumes, synth, train
 
 
 class LsdcGroup(TyperGroup):
@@ -63,7 +63,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for module in (synth, prep, train, evaluate, predict, demo):
+for module in (synth, prep, prep_volumes, train, evaluate, predict, demo):
     module.register(app)
 app.add_typer(cache.app, name="cache", help="Inspect and verify a crop cache.")
 app.add_typer(bench.app, name="bench", help="Benchmarks: cache build, loader and training throughput.")

@@ -11,10 +11,35 @@ app = typer.Typer(no_args_is_help=True)
 PATH_ARG = typer.Argument(..., help="Cache directory (or a URL zarr understands, e.g. file://...).")
 
 
-def _open(path: str):
+def _open(path: str, volumes: bool = False):
+    """The crop cache at `path`, or (where a command takes both kinds) the volume cache there. A CacheError is a
+    UserError: one line (lsdc.cli.LsdcGroup)."""
     import cache
+    from cache.format import WrongCacheKind
 
-    return cache.open(path)  # a CacheError is a UserError: one line (lsdc.cli.LsdcGroup)
+    try:
+        return cache.open(path)
+    except WrongCacheKind:
+        if not volumes:
+            raise
+    from cache.volumes import open_volumes
+
+    return open_volumes(path)
+
+
+def _volume_info(v) -> None:
+    counts = v.manifest["counts"]
+    typer.echo(f"volume cache {v.path}  (format {v.manifest['format_version']}, created {v.manifest['created']})")
+    typer.echo(f"volumes {counts['volumes']} ({counts['slices']} slices of {v.grid}x{v.grid} uint8) from "
+               f"{counts['studies']} studies, {counts['series']} series; targets {counts.get('targets')}; "
+               f"errors {counts['errors']}")
+    typer.echo(_table("by series description:", counts["by_series_description"]))
+    if len(v.targets):
+        typer.echo(_table("targets by condition:", v.targets["condition"].value_counts().sort_index().to_dict()))
+    if len(v.errors):
+        typer.echo(_table("errors by stage:", v.errors["stage"].value_counts().sort_index().to_dict()))
+    typer.echo(f"config (hash {v.manifest['config_hash']}):")
+    typer.echo(json.dumps(v.manifest["config"], indent=2, sort_keys=True, default=str))
 
 
 def _table(title: str, counts: dict) -> str:
@@ -24,10 +49,14 @@ def _table(title: str, counts: dict) -> str:
 
 @app.command()
 def info(path: str = PATH_ARG) -> None:
-    """Counts by condition, label and series type; size on disk; compression ratio; the prep config."""
+    """Counts by condition, label and series type; size on disk; compression ratio; the prep config. A volume
+    cache: volumes, slices, targets and errors by kind."""
     from cache.reader import _label_names
 
-    c = _open(path)
+    c = _open(path, volumes=True)
+    if not hasattr(c, "summary"):
+        _volume_info(c)
+        return
     s = c.summary()
     index = c.index
     ratio = f"{s['compression_ratio']:.2f}" if s["compression_ratio"] else "n/a"
@@ -53,13 +82,19 @@ def verify(path: str = PATH_ARG) -> None:
 
     from cache.io import progress_options
 
-    c = _open(path)
-    with tqdm(total=len(c), desc="verify", unit="sample", **progress_options()) as bar:
-        bad = cache.verify(c, on_row=lambda n: bar.update(1))
+    c = _open(path, volumes=True)
+    unit = "sample" if hasattr(c, "summary") else "volume"
+    with tqdm(total=len(c), desc="verify", unit=unit, **progress_options()) as bar:
+        if unit == "sample":
+            bad = cache.verify(c, on_row=lambda n: bar.update(1))
+        else:
+            from cache.volumes import verify_volumes
+
+            bad = verify_volumes(c, on_row=lambda n: bar.update(1))
     if len(bad) == 0:
-        typer.echo(f"ok: all {len(c)} samples present and matching their checksums")
+        typer.echo(f"ok: all {len(c)} {unit}s present and matching their checksums")
         return
-    typer.secho(f"{len(bad)} of {len(c)} samples are bad:", fg="red", err=True)
+    typer.secho(f"{len(bad)} of {len(c)} {unit}s are bad:", fg="red", err=True)
     typer.echo(bad.to_string(index=False))
     raise typer.Exit(1)
 
