@@ -46,8 +46,9 @@ def test_a_shift_a_slice_and_a_level_are_each_measured(data):
     pred = truth.copy()
     row = truth.index[truth["condition"].eq("Left Neural Foraminal Narrowing")][0]
     series = volumes.index[volumes.index["series_id"] == truth.at[row, "series_id"]].iloc[0]
-    k = series["instance_numbers"].index(truth.at[row, "instance_number"])
-    pred.at[row, "instance_number"] = series["instance_numbers"][k + 1 if k + 1 < series["n_slices"] else k - 1]
+    numbers = list(series["instance_numbers"])
+    k = numbers.index(truth.at[row, "instance_number"])
+    pred.at[row, "instance_number"] = numbers[k + 1 if k + 1 < len(numbers) else k - 1]
     m = localisation_metrics(pred, truth, volumes.index)
     n = m["foraminal"]["n"]
     assert m["foraminal"]["slice_exact"] == pytest.approx((n - 1) / n) and m["foraminal"]["slice_within_1"] == 1
