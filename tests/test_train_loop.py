@@ -261,3 +261,30 @@ def test_cli_reports_user_errors_in_one_line(tiny, tmp_path):
     bad = runner.invoke(app, ["train", str(tiny), str(tmp_path / "run"), "--config", str(tmp_path / "bad.toml")])
     assert bad.exit_code == 2 and "epochs must be at least 1, got 0" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_slice_shift_trains_on_moved_windows_and_predicts_on_the_centre(tmp_path, monkeypatch):
+    # a cache of 5 slices, a model of 3 moved by up to +-1: training draws windows starting at 0, 1 or 2;
+    # validation, the OOF and predict read the centre 3 (start 1)
+    import train.augment as augment
+
+    five = make_tiny_cache(tmp_path / "c5", n_studies=9, slices=5)
+    starts = []
+    real = augment.slice_window
+
+    def spy(x, slices, offset=None):
+        starts.extend(((x.shape[1] - slices) // 2 + (offset if offset is not None else torch.zeros(len(x),
+                                                                                                  dtype=torch.long))
+                       ).tolist())
+        return real(x, slices, offset)
+
+    monkeypatch.setattr(augment, "slice_window", spy)
+    result = loop.fit(five, tmp_path / "run", tiny_cfg(epochs=1, aug_slice_shift=1, aug_jitter_mm=2.0))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["slices"] == 3 and saved["aug_slice_shift"] == 1
+    assert set(starts) == {0, 1, 2}
+    starts.clear()
+    pred = predict_cache(tmp_path / "run" / "fold0" / "best.pt", cache.open(five))
+    assert set(starts) == {1} and len(pred) == len(cache.open(five).index) and result[0]["n_val"] > 0
+    with pytest.raises(ValueError, match="needs 7"):  # a 3-slice model moved by +-2 cannot come from 5 slices
+        loop.fit(five, tmp_path / "run2", tiny_cfg(epochs=1, aug_slice_shift=2, slices=3))

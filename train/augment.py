@@ -23,8 +23,20 @@ def _bernoulli(n: int, p: float, g: torch.Generator, device: torch.device) -> to
     return torch.rand(n, generator=g, device=device) < p
 
 
-def affine(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
-    """Shift / scale / rotate (with probability aug_p_affine) plus the always-on centre jitter, one grid per sample."""
+def slice_window(x: torch.Tensor, slices: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The `slices` slices around the stack's centre moved by `offset` (per sample; None = centred): a cache built
+    with more slices than the model reads lets training move the window as a localiser's slice error would."""
+    b, s = x.shape[:2]
+    if s == slices:
+        return x
+    start = (s - slices) // 2 + (offset if offset is not None else torch.zeros(b, dtype=torch.long, device=x.device))
+    idx = start.view(b, 1) + torch.arange(slices, device=x.device).view(1, slices)
+    return x[torch.arange(b, device=x.device).view(b, 1), idx]
+
+
+def affine(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator, jitter: float = 0.0) -> torch.Tensor:
+    """Shift / scale / rotate (with probability aug_p_affine) plus the always-on centre jitter (v8's, plus `jitter`, a
+    fraction of the crop's side: aug_jitter_mm), one grid per sample."""
     b, s, c, h, w = x.shape
     dev = x.device
     on = _bernoulli(b, cfg.aug_p_affine, g, dev).float()
@@ -32,7 +44,8 @@ def affine(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tenso
     scale = 1 + _uniform(b, -cfg.aug_scale, cfg.aug_scale, g, dev) * on
     # affine_grid works in [-1, 1] coordinates, so a shift of a fraction f of the size is 2f
     shift = _uniform(2 * b, -cfg.aug_shift, cfg.aug_shift, g, dev).view(b, 2) * on[:, None] * 2
-    shift = shift + _uniform(2 * b, -cfg.aug_center_jitter, cfg.aug_center_jitter, g, dev).view(b, 2) * 2
+    centre = cfg.aug_center_jitter + jitter
+    shift = shift + _uniform(2 * b, -centre, centre, g, dev).view(b, 2) * 2
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.repeat_interleave(s, 0), [b * s, c, h, w], align_corners=False)
@@ -76,10 +89,15 @@ def mirror(x: torch.Tensor, condition: torch.Tensor, cfg: TrainConfig, g: torch.
     return x, torch.where(flip, swap[condition], condition)
 
 
-def augment_batch(x: torch.Tensor, condition: torch.Tensor, cfg: TrainConfig, g: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training augmentation: geometry, then intensity, then noise; returns (images, condition indices)."""
-    x = affine(x, cfg, g)
+def augment_batch(x: torch.Tensor, condition: torch.Tensor, cfg: TrainConfig, g: torch.Generator,
+                  jitter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training augmentation: the slice window (moved by up to aug_slice_shift), geometry, then intensity, then
+    noise; returns (images of cfg.slices slices, condition indices)."""
+    if x.shape[1] > cfg.slices:
+        shift = cfg.aug_slice_shift
+        offset = torch.randint(-shift, shift + 1, (x.shape[0],), generator=g, device=x.device) if shift else None
+        x = slice_window(x, cfg.slices, offset)
+    x = affine(x, cfg, g, jitter)
     x = color(x, cfg, g)
     x = noise(x, cfg, g)
     if cfg.hflip:

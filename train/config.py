@@ -196,6 +196,8 @@ class TrainConfig(LoopConfig):
     aug_p_noise: float = 0.3  # probability of Gaussian noise
     aug_noise_std: float = 0.03  # on the [0, 1] scale
     hflip: bool = False  # mirror left/right; sided conditions swap to their mirror condition (must be trained too)
+    aug_slice_shift: int = 0  # train on the slice window moved by up to +-N slices (a localiser's slice error)
+    aug_jitter_mm: float = 0.0  # extra random shift of the crop centre, up to +-N mm (a localiser's point error)
 
     kind: ClassVar[str] = "grader"
 
@@ -211,7 +213,7 @@ class TrainConfig(LoopConfig):
                           ("level_emb", 1), ("condition_emb", 1), ("head_hidden", 1), ("focal_gamma", 0),
                           ("aug_shift", 0), ("aug_scale", 0), ("aug_rotate", 0), ("aug_center_jitter", 0),
                           ("aug_brightness", 0), ("aug_contrast", 0), ("aug_gamma", 0), ("aug_noise_std", 0),
-                          ("dead_stop_after", 1)):
+                          ("dead_stop_after", 1), ("aug_slice_shift", 0), ("aug_jitter_mm", 0)):
             _at_least(name, getattr(self, name), low)
         for name in ("head_dropout", "head_dropout2", "best_min_recall", "aug_p_affine", "aug_p_color",
                      "aug_p_noise"):

@@ -38,6 +38,10 @@ class GraderTask(Task):
         super().__init__(cfg, reader)
         self.selection = f"{cfg.best_rule} selection metric"
         self.loss_fn: WeightedFocalCE | None = None
+        # aug_jitter_mm as a fraction of the crop's side, which the cache's config gives in mm
+        crop = (getattr(reader, "manifest", None) or {}).get("config") or {}
+        side_mm = 2 * float(crop.get("crop_scale", 1.0)) * float(crop.get("crop_base_mm", 1.0))
+        self.jitter = cfg.aug_jitter_mm / side_mm if cfg.aug_jitter_mm else 0.0
 
     @classmethod
     def resolve_config(cls, cfg: TrainConfig, reader: Any) -> TrainConfig:
@@ -53,9 +57,12 @@ class GraderTask(Task):
                              + (" (it was built from the test split)" if split == "test" else "")
                              + ": train needs a cache of the train split (lsdc prep without --split test)")
         s, c, h, w = reader[int(labelled[0])].shape
-        if cfg.slices is not None and cfg.slices != s:
-            raise InputError(f"config asks for {cfg.slices} slices but the cache stores {s}")
-        return TrainConfig.from_dict({**cfg.to_dict(), "slices": s, "image_size": cfg.image_size or h})
+        slices = cfg.slices if cfg.slices is not None else s - 2 * cfg.aug_slice_shift
+        if slices < 1 or s < slices + 2 * cfg.aug_slice_shift or (s - slices) % 2:
+            raise InputError(f"the cache stores {s} slices per sample; a model of {slices} slices with a slice shift "
+                             f"of +-{cfg.aug_slice_shift} needs {slices + 2 * cfg.aug_slice_shift} (build the cache "
+                             f"with --slices {slices + 2 * cfg.aug_slice_shift})")
+        return TrainConfig.from_dict({**cfg.to_dict(), "slices": slices, "image_size": cfg.image_size or h})
 
     def trained_positions(self) -> np.ndarray:
         return select_samples(self.reader.index, self.cfg.conditions)  # labelled samples of the trained conditions
@@ -97,7 +104,7 @@ class GraderTask(Task):
 
     def loss(self, model, batch, generator, device) -> tuple[torch.Tensor, int]:
         b = to_device(batch, device, self.cfg.image_size)
-        x, condition = augment_batch(b["image"], b["condition"], self.cfg, generator)
+        x, condition = augment_batch(b["image"], b["condition"], self.cfg, generator, self.jitter)
         logits = model(x, b["level"], condition)
         return self.loss_fn.to(device)(logits, b["label"]), len(x)
 

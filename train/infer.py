@@ -60,8 +60,9 @@ def predict_cache(checkpoint_or_model: str | Path | dict | LSDCModel, reader, de
     if len(positions) == 0:
         raise InputError(f"the cache has no samples of the model's conditions {list(cfg.conditions)}")
     ds = CacheDataset(reader, positions, cfg.conditions)
-    if ds.shape[0] != cfg.slices:
-        raise InputError(f"the model was trained on {cfg.slices} slices, the cache has {ds.shape[0]}")
+    if ds.shape[0] < cfg.slices or (ds.shape[0] - cfg.slices) % 2:
+        raise InputError(f"the model reads {cfg.slices} slices, the cache has {ds.shape[0]} (it needs {cfg.slices}, or "
+                         "more by an even number: the centre ones are read)")
     loader = make_loader(ds, batch_size, workers, train=False, seed=0, pin_memory=device.type == "cuda")
     probs, rows = predict_probs(model.to(device), loader, device, cfg.image_size, tta)
     return prediction_frame(reader.index, rows, probs)

@@ -169,6 +169,10 @@ class LSDCModel(nn.Module):
 
     def forward(self, image: torch.Tensor, level: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """image: float in [0, 1], (B, S, 3, H, W); level, condition: (B,) indices -> logits (B, 3)."""
+        if image.shape[1] > self.config.slices:  # a cache with more slices (slice-shift training): the centre ones
+            from train.augment import slice_window
+
+            image = slice_window(image, self.config.slices)
         # a frozen backbone runs without autograd: no activations kept, and its weights get no gradient at all
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             feats = self.encoder((image - self.mean) / self.std)
