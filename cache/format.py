@@ -12,8 +12,10 @@ Layout of a cache directory (see docs/cache_format.md):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import platform
 import re
 from datetime import datetime, timezone
@@ -137,6 +139,19 @@ class MissingChunkError(CacheError):
 
 class ChecksumError(CacheError):
     """A chunk cannot be decoded or its pixels do not match the index checksum."""
+
+
+class CacheWriteError(CacheError):
+    """The cache cannot be written: the disk is full or read-only, permission is denied, OUT is a file. A build stops
+    at the first one (never an error row per sample) and stays resumable."""
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in a few words: the OS's text for its errno (pyarrow's own wording is a paragraph), and the path."""
+    text = os.strerror(e.errno) if e.errno else (e.strerror or " ".join(str(e).split()))
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += " (disk full)"
+    return f"{text}: {e.filename}" if e.filename else text
 
 
 # The index's content digest of a sample, 32 hex digits. sha256 runs on the CPU's SHA extensions where it has them:
@@ -335,7 +350,11 @@ def build_manifest(config: dict[str, Any], array: dict[str, Any], index: pd.Data
 
 
 def check_manifest(manifest: dict[str, Any], where: str) -> None:
-    """Refuse an unfinalised cache and a format version this code does not know."""
+    """Refuse a manifest that is not a JSON object, an unfinalised cache and a format version this code does not
+    know."""
+    if not isinstance(manifest, dict):
+        raise CacheFormatError(f"cache at {where}: {MANIFEST_FILE} holds a JSON {type(manifest).__name__}, not an "
+                               "object: it is not an lsdc manifest")
     if not manifest.get("finalised"):
         raise CacheNotFinalised(not_finalised_message(where))
     version = manifest.get("format_version")

@@ -55,8 +55,11 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, durable: bool = True) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", durable)
+def atomic_write_json(path: str | os.PathLike, obj: Any, durable: bool = True, allow_nan: bool = True) -> None:
+    """``allow_nan=False`` for files other tools read (a manifest): strict JSON has no NaN/Infinity literal, so a
+    non-finite number raises ValueError here instead of writing a file that strict readers reject."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=allow_nan)
+    atomic_write_text(path, text + "\n", durable)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

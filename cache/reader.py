@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 from zarr.core.buffer import default_buffer_prototype
@@ -26,7 +27,7 @@ from zarr.storage import LocalStore
 
 from cache import format as fmt
 from cache.chunks import aligned_empty, chunk_path, plain_layout, read_chunk_into
-from cache.format import CacheError, CacheNotFinalised, ChecksumError, MissingChunkError
+from cache.format import CacheError, CacheFormatError, CacheNotFinalised, ChecksumError, MissingChunkError
 from cache.rsna import LABELS, expand_conditions, parse_level
 
 __all__ = ["open", "CacheReader", "verify"]
@@ -42,8 +43,16 @@ def _store_of(path: str) -> tuple[Any, str]:
                "it holds no zarr.json, so it is not a crop cache (lsdc prep makes one)"
                if local and not os.path.isfile(os.path.join(path, "zarr.json")) else f"{type(e).__name__}: {e}")
         raise CacheError(f"no cache at {path}: {why}") from e
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:  # a zarr.json that is not Zarr metadata
+        raise CacheFormatError(f"cache at {path}: zarr.json is not valid Zarr metadata ({_short(e)})") from None
     prefix = group.store_path.path
     return group.store, f"{prefix}/" if prefix else ""
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    """An exception as one short line for a message (pyarrow's and zarr's own texts run over several lines)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _get_bytes(store: Any, key: str) -> bytes | None:
@@ -55,7 +64,18 @@ def _read_parquet(store: Any, key: str, where: str) -> pd.DataFrame:
     data = _get_bytes(store, key)
     if data is None:
         raise CacheError(f"cache at {where} is finalised but {key} is missing")
-    return pq.read_table(io.BytesIO(data)).to_pandas()
+    try:
+        return pq.read_table(io.BytesIO(data)).to_pandas()
+    except (pa.ArrowException, ValueError, OSError) as e:  # cut short, emptied, or another file's bytes
+        raise CacheFormatError(f"cache at {where}: {key} is not a readable Parquet table ({len(data)} bytes; "
+                               f"{_short(e)}); rebuild the cache (`lsdc prep --clean`)") from None
+
+
+def _require_columns(table: pd.DataFrame, columns: tuple[str, ...], name: str, where: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise CacheFormatError(f"cache at {where}: {name} lacks the columns {missing}; it is not this cache's "
+                               "table (rebuild the cache)")
 
 
 def _chunk_key(row: int) -> str:
@@ -104,7 +124,11 @@ class CacheReader:
     def _open(self) -> None:
         if self._pid != os.getpid():
             self._store, self._prefix = _store_of(self.path)
-            self._array = zarr.open_array(self._store, path=f"{self._prefix}{fmt.ARRAY}", mode="r")
+            try:
+                self._array = zarr.open_array(self._store, path=f"{self._prefix}{fmt.ARRAY}", mode="r")
+            except (FileNotFoundError, zarr.errors.BaseZarrError, ValueError, TypeError, KeyError) as e:
+                raise CacheFormatError(f"cache at {self.path}: {fmt.ARRAY}/zarr.json is missing or not valid Zarr "
+                                       f"array metadata ({_short(e)})") from None
             self._n_rows = int(self._array.shape[0])
             self._plain = None
             if isinstance(self._store, LocalStore):
@@ -296,15 +320,27 @@ def open(path: str | os.PathLike, verify_checksums: bool = False) -> CacheReader
         raise CacheNotFinalised(fmt.not_finalised_message(where))
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise fmt.CacheFormatError(f"cache at {where}: {fmt.MANIFEST_FILE} is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheFormatError(f"cache at {where}: {fmt.MANIFEST_FILE} is not valid JSON ({_short(e)})") from None
     if isinstance(manifest, dict) and manifest.get("kind") == "volumes":
         raise fmt.WrongCacheKind(f"{where} is a volume cache (the localiser's input), not a crop cache: open it "
                                  "with cache.volumes.open_volumes", "volumes")
     fmt.check_manifest(manifest, where)
+    _check_array_info(manifest, where)
     index = _read_parquet(store, f"{prefix}{fmt.INDEX_FILE}", where)
     errors = _read_parquet(store, f"{prefix}{fmt.ERRORS_FILE}", where)
+    _require_columns(index, fmt.INDEX_COLUMNS, fmt.INDEX_FILE, where)
+    _require_columns(errors, fmt.ERRORS_COLUMNS, fmt.ERRORS_FILE, where)
     return CacheReader(where, manifest, index, errors, verify_checksums)
+
+
+def _check_array_info(manifest: dict[str, Any], where: str) -> None:
+    """The manifest's description of the crops array, which every read relies on: a 5-d shape of whole numbers."""
+    array = manifest.get("array")
+    shape = array.get("shape") if isinstance(array, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 5 and all(type(n) is int and n >= 0 for n in shape)):
+        raise CacheFormatError(f"cache at {where}: {fmt.MANIFEST_FILE} lacks the crops array's shape (array.shape "
+                               f"of 5 whole numbers, got {shape!r}); it is not an lsdc crop cache manifest")
 
 
 def verify(path: str | os.PathLike | CacheReader, on_row: Callable[[int], None] | None = None) -> pd.DataFrame:

@@ -25,12 +25,32 @@ import zarr
 
 from cache import format as fmt
 from cache.chunks import CRC_BYTES, chunk_path, plain_layout, write_chunk
-from cache.format import CacheConfigMismatch, CacheError, CacheLocked, MissingChunkError
+from cache.format import CacheConfigMismatch, CacheError, CacheLocked, CacheWriteError, MissingChunkError, os_reason
 from cache.io import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheWriter", "build_lock", "CacheConfigMismatch", "CacheLocked"]
+__all__ = ["CacheWriter", "build_lock", "CacheConfigMismatch", "CacheLocked", "CacheWriteError"]
+
+RESUME_HINT = ("free space (or make the folder writable), then rerun the same command: the build resumes where it "
+               "stopped")
+
+
+@contextmanager
+def writing(what: str, then: str = RESUME_HINT) -> Iterator[None]:
+    """Turn an OSError while writing the cache (a full or read-only disk, no permission) into one CacheWriteError
+    naming ``what`` was being written and what to do; an error row per sample would hide it behind exit code 0."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as e:
+        raise CacheWriteError(f"{what}: {os_reason(e)}; {then}") from e
+
+
+def _not_a_file(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise CacheWriteError(f"{root} is a file, not a folder: choose another output path for the cache")
 
 
 def local_path(path: str | os.PathLike) -> Path:
@@ -92,6 +112,7 @@ class CacheWriter:
         must match for a resume (the crops' array shape; the volumes' grid), as stored in the build attributes."""
         config = json.loads(json.dumps(config or {}, default=str))  # stored exactly as hashed (tuples -> lists)
         root = local_path(path)
+        _not_a_file(root)
         want_hash = fmt.config_hash(config)
         leftovers = [p for p in root.iterdir() if p.name != fmt.LOCK_FILE] if root.is_dir() else []
         if leftovers and not _is_cache(root):
@@ -106,7 +127,8 @@ class CacheWriter:
             log.warning("%s holds no sample (built with other settings): replaced by this build", root)
             clean = True  # (the same build, even with no sample yet, resumes as usual)
         if leftovers and clean:
-            _clear(root)
+            with writing(f"cannot replace the cache at {root}", "make the folder writable or choose another path"):
+                _clear(root)
         elif leftovers:
             have_hash = build.get("config_hash")
             if build.get("format_version") != fmt.FORMAT_VERSION:
@@ -126,11 +148,12 @@ class CacheWriter:
                         "(did the input data change?); rebuild it (`lsdc prep --clean`, clean=True in Python) or "
                         "use another path")
             return cls(root)
-        root.mkdir(parents=True, exist_ok=True)
         build = {"format_version": fmt.FORMAT_VERSION, "finalised": False, "config_hash": want_hash, "config": config,
                  **layout, "codec": codec}
-        cls._new(root, build)
-        (root / fmt.PROGRESS_DIR).mkdir(exist_ok=True)
+        with writing(f"cannot create the cache at {root}", "choose a writable output path with free space"):
+            root.mkdir(parents=True, exist_ok=True)
+            cls._new(root, build)
+            (root / fmt.PROGRESS_DIR).mkdir(exist_ok=True)
         return cls(root)
 
     @classmethod
@@ -184,10 +207,11 @@ class CacheWriter:
             raise ValueError(f"cache {self.root}: row {row} needs a uint8 array of shape {array.shape[1:]}, got {got}")
         if not 0 <= int(row) < array.shape[0]:
             raise IndexError(f"cache {self.root}: row {row} outside 0..{array.shape[0] - 1}")
-        if self._plain:  # the bytes zarr would write, without its event loop (~2x faster per sample)
-            write_chunk(chunk_path(self.root / fmt.ARRAY, row), stack, self._plain)
-        else:
-            array[int(row)] = stack
+        with writing(f"cannot write the cache at {self.root}"):
+            if self._plain:  # the bytes zarr would write, without its event loop (~2x faster per sample)
+                write_chunk(chunk_path(self.root / fmt.ARRAY, row), stack, self._plain)
+            else:
+                array[int(row)] = stack
         return fmt.checksum(stack)
 
     def save_task(self, key: str, records: list[dict[str, Any]]) -> None:
@@ -196,8 +220,9 @@ class CacheWriter:
         Not fsynced (one per series cost 1-8 % of a build): a power loss may lose or empty this file, or the chunks it
         vouches for. completed_tasks and lost_rows catch both, and the task is simply done again.
         """
-        atomic_write_json(self.root / fmt.PROGRESS_DIR / f"{fmt.safe_key(key)}.json", {"key": key, "records": records},
-                          durable=False)
+        with writing(f"cannot write the cache at {self.root}"):
+            atomic_write_json(self.root / fmt.PROGRESS_DIR / f"{fmt.safe_key(key)}.json",
+                              {"key": key, "records": records}, durable=False)
 
     def completed_tasks(self) -> dict[str, list[dict[str, Any]]]:
         """{task key: its records} of the tasks marked done. A progress file that cannot be read (what a power loss
@@ -259,12 +284,16 @@ class CacheWriter:
             raise CacheConfigMismatch(f"cache at {self.root}: the stored config no longer hashes to "
                                       f"{build['config_hash']}")
         tables = ((fmt.INDEX_FILE, index, fmt.INDEX_SCHEMA), (fmt.ERRORS_FILE, errors, fmt.ERRORS_SCHEMA))
-        for name, df, schema in tables:
-            table = fmt.to_table(df, schema)
-            atomic_write(self.root / name, lambda tmp, t=table: pq.write_table(t, tmp))
-        group = zarr.open_group(str(self.root), mode="r+")
-        group.attrs.update({"build": {**build, "finalised": True}, "manifest": manifest})
-        atomic_write_json(self.root / fmt.MANIFEST_FILE, manifest)
+        # Nothing here is half-written (temp + rename) and the manifest goes last: a failure leaves the cache
+        # unfinalised, every finished task kept, and the same command finalises it.
+        with writing(f"cannot finalise the cache at {self.root}", "free space (or make the folder writable), then "
+                     "rerun the same command: every finished series is kept and the cache is finalised"):
+            for name, df, schema in tables:
+                table = fmt.to_table(df, schema)
+                atomic_write(self.root / name, lambda tmp, t=table: pq.write_table(t, tmp))
+            group = zarr.open_group(str(self.root), mode="r+")
+            group.attrs.update({"build": {**build, "finalised": True}, "manifest": manifest})
+            atomic_write_json(self.root / fmt.MANIFEST_FILE, manifest, allow_nan=False)  # strict JSON for any reader
         return manifest
 
 
@@ -293,9 +322,11 @@ def build_lock(path: str | os.PathLike) -> Iterator[Path]:
     A lock left by a dead process on this host is taken over; one from another host must be removed by hand.
     """
     root = local_path(path)
-    root.mkdir(parents=True, exist_ok=True)
+    _not_a_file(root)
     lock = root / fmt.LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat()}
+    with writing(f"cannot write to {root}", "choose a writable output path"):
+        root.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -309,8 +340,14 @@ def build_lock(path: str | os.PathLike) -> Iterator[Path]:
             who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
             raise CacheLocked(f"another build holds {lock} ({who}); wait for it, or delete the file if that build "
                               "is dead") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        except OSError as e:  # a read-only disk or folder: nothing can be built there
+            raise CacheWriteError(f"cannot write to {root}: {os_reason(e)}; choose a writable output path") from e
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:  # a full disk: a lock without its holder would block every later build
+            lock.unlink(missing_ok=True)
+            raise CacheWriteError(f"cannot write to {root}: {os_reason(e)}; free space, then rerun") from e
         break
     try:
         yield lock

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from typing import Any
 import pandas as pd
 
 import cache
+from cache.errors import InputError, SettingError, UserError
 from cache.io import progress_enabled, progress_options
 from cache.format import INDEX_COLUMNS
+from prep import faultpoints
 from prep.config import PrepConfig
 from prep.samples import errors_frame, read_samples, split_studies
 from prep.series import Record, process_series
@@ -33,6 +36,14 @@ from prep.series import Record, process_series
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("processes", "threads", "synchronous")  # dask's own schedulers; anything else is an address
+# 'tcp://host:8786' (any dask protocol) or 'host:8786'
+_ADDRESS = re.compile(r"[a-z][a-z0-9+]*://\S+|[\w.\-]+:\d+")
+# Dask's default is 30 s of retries; an unreachable address should be named sooner, a live scheduler answers in ms.
+SCHEDULER_TIMEOUT_S = 10
+
+
+class SchedulerUnreachable(InputError):
+    """The dask.distributed scheduler address given cannot be reached."""
 
 
 SUMMARY_KINDS = 12  # kinds of error listed in a build's summary; errors.parquet holds every one
@@ -104,13 +115,14 @@ def run_task(task: dict[str, Any], out: str, config: dict[str, Any]) -> list[Rec
     cv2.setNumThreads(1)
     writer = cache.CacheWriter.open(out)
     records = process_series(task["series_dir"], task["samples"], PrepConfig.from_dict(config), writer.write)
-    _test_pause("task", Path(out))
+    faultpoints.reached("task", Path(out))
     writer.save_task(task["key"], records)
     return records
 
 
 def _failed_task(task: dict[str, Any], e: BaseException) -> list[Record]:
-    """A task that crashed (a bug, a killed worker): every sample gets an error; not saved, so a rerun retries."""
+    """A task that crashed (a bug, a killed worker): every sample gets an error; not saved, so a rerun retries.
+    Never a UserError (a full disk, a read-only cache): that stops the whole build instead (run_tasks)."""
     return [dict(ok=False, study_id=s["study_id"], series_id=s["series_id"], instance_number=s["instance_number"],
                  condition=s["condition"], level=s["level"], path=task["series_dir"], stage="worker",
                  reason=f"task failed: {type(e).__name__}: {e}") for s in task["samples"]]
@@ -168,9 +180,35 @@ Job = tuple[Callable[[dict[str, Any], str, dict[str, Any]], list[Record]], Calla
 
 def run_tasks(job: Job, tasks: list[dict], out: str, config: dict, workers: int, scheduler: str | None,
               progress: bool) -> Iterator[tuple[dict, list[Record]]]:
-    """(task, records) for every task as it finishes, on dask's local schedulers or a dask.distributed cluster."""
+    """(task, records) for every task as it finishes, on dask's local schedulers or a dask.distributed cluster.
+
+    A task that crashes becomes error rows (``job[1]``) and the others go on; a UserError raised in a task (the
+    cache cannot be written: disk full, read-only) is the same for every task, so it stops the build and is raised
+    here, leaving the finished tasks marked done for the rerun.
+    """
     run = _run_local if scheduler in LOCAL_SCHEDULERS else _run_distributed
     yield from run(job, tasks, out, config, workers, scheduler, progress)
+
+
+def check_scheduler(workers: int, scheduler: str | None) -> None:
+    """Refuse run-time settings that cannot work, before anything is read or written."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SettingError(f"workers must be a whole number >= 1, got {workers!r} (a build needs a process to run "
+                           "its tasks; --scheduler synchronous runs them in this one)")
+    if scheduler is not None and scheduler not in LOCAL_SCHEDULERS and not _ADDRESS.fullmatch(str(scheduler)):
+        raise SettingError(f"scheduler {scheduler!r} is neither one of {list(LOCAL_SCHEDULERS)} nor a dask scheduler "
+                           "address such as tcp://host:8786")
+
+
+def _connect(address: str):
+    from dask.distributed import Client
+
+    try:
+        return Client(address, timeout=f"{SCHEDULER_TIMEOUT_S}s")
+    except (OSError, TimeoutError) as e:  # dask: "Timed out trying to connect to ... after 10 s"
+        raise SchedulerUnreachable(f"cannot reach the dask scheduler at {address} within {SCHEDULER_TIMEOUT_S} s "
+                                   f"({' '.join(str(e).split()) or type(e).__name__}); start it (`dask scheduler`) or "
+                                   "check the address, or leave --scheduler out for a local cluster") from None
 
 
 def _run_distributed(job: Job, tasks: list[dict], out: str, config: dict, workers: int, address: str | None,
@@ -179,7 +217,7 @@ def _run_distributed(job: Job, tasks: list[dict], out: str, config: dict, worker
     from tqdm.auto import tqdm
 
     if address:
-        client, cluster = Client(address), None
+        client, cluster = _connect(address), None
     else:
         cluster = local_cluster(workers)
         client = Client(cluster)
@@ -192,6 +230,8 @@ def _run_distributed(job: Job, tasks: list[dict], out: str, config: dict, worker
             task = task_of[future.key]
             try:
                 records = future.result()
+            except UserError:  # the user's to fix and the same for every task (a full disk): stop the build
+                raise
             except Exception as e:  # KilledWorker, a worker's exception: reported per sample, never lost
                 records = job[1](task, e)
             future.release()
@@ -210,6 +250,8 @@ def _run_local(job: Job, tasks: list[dict], out: str, config: dict, workers: int
     def safe(task: dict) -> list[Record]:
         try:
             return job[0](task, out, config)
+        except UserError:  # the user's to fix and the same for every task (a full disk): stops the build
+            raise
         except Exception as e:  # a crashed task: reported per sample, retried by the next run
             return job[1](task, e)
 
@@ -246,11 +288,16 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
     scheduler: None = a local dask.distributed cluster of ``workers`` processes, one thread each; 'processes',
     'threads' or 'synchronous' = dask's local schedulers; anything else = the address of a running
     dask.distributed scheduler ('tcp://host:8786'). ``stop_after`` runs only that many pending tasks and returns
-    without finalising (an interrupted build, for tests and dry runs). Raises TableError for a broken table,
-    cache.CacheConfigMismatch when ``out`` holds a cache of another config (unless clean), and CacheLocked when
-    another build is writing ``out``.
+    without finalising (an interrupted build, for tests and dry runs).
+
+    Every failure the user must fix is a cache.errors.UserError with a one-line message: SettingError for workers
+    < 1 or a scheduler that is no scheduler, TableError for a broken table, cache.CacheConfigMismatch when ``out``
+    holds a cache of another config (unless clean), CacheLocked when another build is writing ``out``,
+    SchedulerUnreachable, and cache.format.CacheWriteError when ``out`` is a file or cannot be written (read-only,
+    disk full, also mid-build or while finalising: the build stops unfinalised, and the same call resumes it).
     """
     start = time.perf_counter()
+    check_scheduler(workers, scheduler)
     config = config or PrepConfig()
     data_dir, out = Path(data_dir), Path(out)
     progress = progress_enabled(progress)
@@ -270,7 +317,7 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
         pending = [t for t in tasks if t["key"] not in done]
         if stop_after is not None:
             pending = pending[:stop_after]
-        _test_pause("plan", out)
+        faultpoints.reached("plan", out)
         records = [r for recs in done.values() for r in recs]
         if pending:
             for _, recs in run_tasks((run_task, _failed_task), pending, str(out), cfg, workers, scheduler, progress):
@@ -278,25 +325,11 @@ def build(data_dir: str | os.PathLike, out: str | os.PathLike, config: PrepConfi
         index, errors = _frames(records, table_errors)
         finalised = stop_after is None
         if finalised:
-            _test_pause("finalise", out)
+            faultpoints.reached("finalise", out)
             writer.finalise(index, errors,
                             extra_manifest={"prep": _prep_info(data_dir, config.split, samples, index, tasks)})
     return BuildResult(out, len(samples), len(index), errors, len(tasks), len(done), time.perf_counter() - start,
                        finalised)
-
-
-def _test_pause(phase: str, out: Path) -> None:
-    """TEST-ONLY hook (tests/test_kill_resume.py), a no-op unless LSDC_TEST_PAUSE is set: with
-    LSDC_TEST_PAUSE=plan|task|finalise the build touches the file LSDC_TEST_PAUSE_FILE at that point and sleeps
-    until it is killed, so a test can kill -9 it at an exact phase. 'plan': tables read, lock held, store created,
-    no task run. 'task': a task has written its chunks but is not marked done, and another task is (so the kill
-    leaves finished, half-written and untouched tasks). 'finalise': every task done, nothing finalised."""
-    if os.environ.get("LSDC_TEST_PAUSE") != phase:
-        return
-    if phase == "task" and not any((out / cache.format.PROGRESS_DIR).glob("*.json")):
-        return
-    Path(os.environ["LSDC_TEST_PAUSE_FILE"]).touch()
-    time.sleep(3600)
 
 
 def _prep_info(data_dir: Path, split: str, samples: pd.DataFrame, index: pd.DataFrame, tasks: list

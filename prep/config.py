@@ -7,6 +7,7 @@ the pixels (workers, scheduler, progress) are deliberately not here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -27,8 +28,11 @@ class Window:
     hi: float
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.lo < self.hi <= 100.0):
-            raise ValueError(f"window {self.name!r}: need 0 <= lo < hi <= 100 percentiles, got {self.lo}, {self.hi}")
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise SettingError(f"window name must be a non-empty string, got {self.name!r}")
+        if not (_is_number(self.lo) and _is_number(self.hi) and 0.0 <= self.lo < self.hi <= 100.0):
+            raise SettingError(f"window {self.name!r}: need 0 <= lo < hi <= 100 percentiles, got {self.lo!r}, "
+                               f"{self.hi!r}")
 
     @classmethod
     def parse(cls, text: str) -> "Window":
@@ -36,8 +40,27 @@ class Window:
         try:
             name, lo, hi = text.split(":")
             return cls(name.strip(), float(lo), float(hi))
+        except SettingError:
+            raise
         except ValueError as e:
-            raise ValueError(f"bad window {text!r}: expected NAME:LO_PERCENTILE:HI_PERCENTILE ({e})") from None
+            raise SettingError(f"bad window {text!r}: expected NAME:LO_PERCENTILE:HI_PERCENTILE ({e})") from None
+
+
+def _is_number(v: object) -> bool:
+    """A finite int or float (not a bool, not NaN or infinite): what every numeric setting must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_whole(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _in_range(name: str, value: object, low: float, high: float, whole: bool = False) -> None:
+    """A SettingError naming the setting unless ``value`` is a finite number (a whole one) within [low, high]."""
+    ok = _is_whole(value) if whole else _is_number(value)
+    if not ok or not low <= value <= high:  # type: ignore[operator]
+        kind = "a whole number" if whole else "a finite number"
+        raise SettingError(f"{name} must be {kind} in {low:g}..{high:g}, got {value!r}")
 
 
 # Three views of one stack (see docs/prep.md for the figure):
@@ -47,6 +70,17 @@ class Window:
 #   full  - the complete range of the stack, the closest thing MRI has to "the original image".
 DEFAULT_WINDOWS: tuple[Window, ...] = (Window("soft", 50.0, 99.5), Window("wide", 0.5, 99.5),
                                        Window("full", 0.0, 100.0))
+
+
+# Ranges of the settings (PrepConfig.__post_init__). Wide enough for any sensible build, narrow enough that no value
+# makes a worker allocate without bound: a 500 mm half side at the finest accepted pixel spacing is still refused per
+# sample by the crop (prep.series.MAX_BOX_PX), never attempted.
+MAX_SLICES = 63
+MAX_SIZE = 2048
+HALF_SIZE_MM = (1.0, 500.0)
+MAX_CLAHE_CLIP = 1000.0
+MAX_CLAHE_TILES = 64
+MAX_STRIDE = 64
 
 
 @dataclass(frozen=True)
@@ -72,27 +106,37 @@ class PrepConfig:
     codec: str = "crc32c"  # the cache's chunk codec (cache.format.CODECS; measured in docs/cache_format.md)
 
     def __post_init__(self) -> None:
+        """Refuse, before anything runs, every value that cannot be right: a wrong kind, a non-finite number (NaN
+        would reach the manifest as a literal strict JSON readers reject), or a number out of range."""
         if self.split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {self.split!r}")
+            raise SettingError(f"split must be 'train' or 'test', got {self.split!r}")
         unknown = [c for c in self.conditions if c not in CONDITIONS]
-        if unknown or not self.conditions:
-            raise ValueError(f"unknown conditions {unknown}; expected some of {CONDITIONS}")
-        if self.slices < 1 or self.slices % 2 == 0:
-            raise ValueError(f"slices must be odd and >= 1 (centred on the labelled slice), got {self.slices}")
-        if self.size < 8:
-            raise ValueError(f"size must be >= 8 px, got {self.size}")
-        if self.crop_scale <= 0 or self.crop_base_mm <= 0:
-            raise ValueError("crop_scale and crop_base_mm must be > 0")
-        if len(self.windows) != 3 or len({w.name for w in self.windows}) != 3:
-            raise ValueError(f"need exactly 3 windows with distinct names, got {self.windows}")
-        if self.clahe_clip < 0 or self.clahe_tiles < 1 or self.percentile_stride < 1:
-            raise ValueError("clahe_clip >= 0, clahe_tiles >= 1 and percentile_stride >= 1 required")
+        if unknown or not self.conditions or len(set(self.conditions)) != len(self.conditions):
+            raise SettingError(f"conditions must be some of {CONDITIONS}, each once; got {list(self.conditions)}")
+        if self.studies is not None and (not _is_whole(self.studies) or self.studies < 1):
+            raise SettingError(f"studies must be a whole number >= 1 (or None: all), got {self.studies!r}")
+        if self.coords is not None and (not isinstance(self.coords, str) or not self.coords):
+            raise SettingError(f"coords must be the path of a coordinates CSV, got {self.coords!r}")
+        _in_range("slices", self.slices, 1, MAX_SLICES, whole=True)
+        if self.slices % 2 == 0:
+            raise SettingError(f"slices must be odd (centred on the labelled slice), got {self.slices}")
+        _in_range("size", self.size, 8, MAX_SIZE, whole=True)
+        for name in ("crop_scale", "crop_base_mm"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise SettingError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if not HALF_SIZE_MM[0] <= self.half_size_mm <= HALF_SIZE_MM[1]:
+            raise SettingError(f"the crop's half side crop_scale x crop_base_mm must be {HALF_SIZE_MM[0]:g}.."
+                               f"{HALF_SIZE_MM[1]:g} mm, got {self.crop_scale!r} x {self.crop_base_mm!r}")
+        if not isinstance(self.windows, (tuple, list)) or not all(isinstance(w, Window) for w in self.windows) \
+                or len(self.windows) != 3 or len({w.name for w in self.windows}) != 3:
+            raise SettingError(f"need exactly 3 windows with distinct names, got {self.windows!r}")
+        _in_range("clahe_clip", self.clahe_clip, 0, MAX_CLAHE_CLIP)
+        _in_range("clahe_tiles", self.clahe_tiles, 1, MAX_CLAHE_TILES, whole=True)
+        _in_range("percentile_stride", self.percentile_stride, 1, MAX_STRIDE, whole=True)
         from cache.format import CODECS
 
         if self.codec not in CODECS:
-            raise ValueError(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
-        if self.studies is not None and self.studies < 1:
-            raise ValueError(f"studies must be >= 1 or None, got {self.studies}")
+            raise SettingError(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
 
     @property
     def half_size_mm(self) -> float:
@@ -110,12 +154,15 @@ class PrepConfig:
         known = {f.name for f in fields(cls)}
         extra = set(d) - known
         if extra:
-            raise ValueError(f"unknown PrepConfig keys {sorted(extra)}")
+            raise SettingError(f"unknown PrepConfig keys {sorted(extra)}")
         d = dict(d)
         if "conditions" in d:
             d["conditions"] = tuple(d["conditions"])
         if "windows" in d:
-            d["windows"] = tuple(w if isinstance(w, Window) else Window(**w) for w in d["windows"])
+            try:
+                d["windows"] = tuple(w if isinstance(w, Window) else Window(**w) for w in d["windows"])
+            except TypeError as e:
+                raise SettingError(f"windows must be a list of {{name, lo, hi}}, got {d['windows']!r} ({e})") from None
         return cls(**d)
 
 

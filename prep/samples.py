@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cache.errors import InputError
+from cache.format import ERRORS_COLUMNS
 from cache.rsna import CONDITIONS, LABEL_COLUMNS, LEVELS, SERIES_DESCRIPTIONS, label_code, label_column
 from prep.config import PrepConfig
 
@@ -21,7 +22,6 @@ COORD_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level
 SERIES_COLUMNS = ("study_id", "series_id", "series_description")
 SAMPLE_COLUMNS = ("row", "study_id", "series_id", "series_description", "condition", "level", "instance_number",
                   "x", "y", "label")
-ERROR_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "path", "stage", "reason")
 _INT = re.compile(r"[0-9]{1,19}")  # a plain non-negative integer: no sign, dots, slashes, spaces or newline
 
 
@@ -127,7 +127,7 @@ def _label(r: tuple, condition: str, level: str) -> int | None:
 
 
 def read_samples(data_dir: str | Path, config: PrepConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """-> (samples with SAMPLE_COLUMNS in row order, table errors with ERROR_COLUMNS).
+    """-> (samples with SAMPLE_COLUMNS in row order, table errors with cache.format.ERRORS_COLUMNS).
 
     Row order is deterministic: study, then condition and level in the competition's order.
     """
@@ -226,7 +226,7 @@ def _samples_frame(samples: list[dict]) -> pd.DataFrame:
 
 
 def errors_frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(ERROR_COLUMNS))
+    df = pd.DataFrame(rows, columns=list(ERRORS_COLUMNS))
     return df.astype({"study_id": "Int64", "series_id": "Int64", "instance_number": "Int64",
                       "condition": "string", "level": "string", "path": "string", "stage": "string",
                       "reason": "string"})

@@ -2,10 +2,10 @@
 while finalising, and `lsdc train` mid-epoch; each rerun gives exactly what an uninterrupted run gives. A second
 build on a busy output is refused.
 
-Every kill point is exact, never a sleep: the build is paused by the test-only hook LSDC_TEST_PAUSE (prep/build.py,
-`_test_pause`) or by a wrapper in the subprocess's own code, which touches a marker file and sleeps; the test waits
-for the marker, then kills the subprocess's whole process group (it runs in its own session), so worker processes
-die with it, as they do when a node is lost.
+Every kill point is exact, never a sleep: the build is paused at a fault point, LSDC_FAULT_POINT
+(prep/faultpoints.py, docs/reliability.md), or by a wrapper in the subprocess's own code, which touches a marker file
+and sleeps; the test waits for the marker, then kills the subprocess's whole process group (it runs in its own
+session), so worker processes die with it, as they do when a node is lost.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def group_members(pgid: int) -> list[int]:
 def start_paused(argv: list[str], marker: Path, env: dict[str, str] | None = None,
                  timeout: float = 180) -> subprocess.Popen:
     """Start argv in its own session (process group) and return once it touched `marker` (it is then asleep)."""
-    env = {**os.environ, "LSDC_NO_PROGRESS": "1", "LSDC_TEST_PAUSE_FILE": str(marker), **(env or {})}
+    env = {**os.environ, "LSDC_NO_PROGRESS": "1", "LSDC_FAULT_POINT_FILE": str(marker), **(env or {})}
     proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=TESTS.parent)
     deadline = time.monotonic() + timeout
@@ -121,7 +121,7 @@ def reference(data, tmp_path_factory) -> tuple:
 def test_kill_9_while_planning_refuses_a_second_build_then_resumes(data, reference, tmp_path):
     out, marker = tmp_path / "c", tmp_path / "paused"
     proc = start_paused([sys.executable, "-m", "lsdc", *prep_argv(data, out, "--scheduler", "synchronous")], marker,
-                        {"LSDC_TEST_PAUSE": "plan"})
+                        {"LSDC_FAULT_POINT": "plan"})
     # paused with the lock held and the store created, before any task ran
     holder = json.loads((out / "_build.lock").read_text())
     assert holder["pid"] == proc.pid and (out / "zarr.json").is_file() and progress_files(out) == []
@@ -141,7 +141,7 @@ def test_kill_9_mid_build_kills_the_dask_workers_and_resumes(data, reference, tm
     out, marker = tmp_path / "c", tmp_path / "paused"
     # `lsdc prep` on its default dask.distributed LocalCluster: 2 worker processes, one thread each
     proc = start_paused([sys.executable, "-m", "lsdc", *prep_argv(data, out, "--workers", "2")], marker,
-                        {"LSDC_TEST_PAUSE": "task"})
+                        {"LSDC_FAULT_POINT": "task"})
     workers = family(proc.pid) - {proc.pid}
     assert len(workers) >= 2 and workers <= set(group_members(proc.pid))  # Dask's processes, in the build's group
     assert kill_9(proc) >= workers  # ... and they died with it
@@ -182,7 +182,7 @@ build({str(data)!r}, {str(out)!r}, PrepConfig.from_dict({CFG.to_dict()!r}), sche
 
 def test_kill_9_before_finalising_resumes_every_task(data, reference, tmp_path):
     out, marker = tmp_path / "c", tmp_path / "paused"
-    proc = start_paused(_python_build(data, out), marker, {"LSDC_TEST_PAUSE": "finalise"})
+    proc = start_paused(_python_build(data, out), marker, {"LSDC_FAULT_POINT": "finalise"})
     kill_9(proc)
     assert len(progress_files(out)) == STUDIES and len(cache.CacheWriter.open(out).written_rows()) == 5 * STUDIES
     assert not (out / "index.parquet").exists() and not (out / "manifest.json").exists()

@@ -112,9 +112,10 @@ def test_kill_9_mid_build_then_resume_gives_the_same_cache(tmp_path):
     code = (f"from prep.build import build; from prep.config import PrepConfig; "
             f"build({str(data)!r}, {str(tmp_path / 'c')!r}, PrepConfig.from_dict({cfg.to_dict()!r}), "
             f"scheduler='synchronous')")
-    # The test-only hook pauses the build once a task is done and the next one has written its chunks (exact, no race).
+    # The 'task' fault point (prep/faultpoints.py) pauses the build once a task is done and the next one has written
+    # its chunks (exact, no race).
     marker = tmp_path / "paused"
-    env = {**os.environ, "LSDC_NO_PROGRESS": "1", "LSDC_TEST_PAUSE": "task", "LSDC_TEST_PAUSE_FILE": str(marker)}
+    env = {**os.environ, "LSDC_NO_PROGRESS": "1", "LSDC_FAULT_POINT": "task", "LSDC_FAULT_POINT_FILE": str(marker)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     progress = tmp_path / "c" / "_progress"
     deadline = time.time() + 120
