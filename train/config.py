@@ -237,6 +237,55 @@ class TrainConfig(LoopConfig):
                                        "too")
 
 
+LOCATE_TARGETS = ("spinal", "foraminal", "subarticular")
+
+
+@dataclass
+class LocateConfig(LoopConfig):
+    """A localiser (docs/locate.md): one per condition group, trained on the series-volume cache."""
+
+    # --- data ---
+    target: str = "spinal"  # 'spinal' (Sagittal T2/STIR) | 'foraminal' (Sagittal T1) | 'subarticular' (Axial T2)
+    image_size: int | None = None  # input cells per side; None = the volume cache's grid (else resized on the device)
+    # --- model ---
+    backbone: str = "resnet18d"  # any timm model with features_only at strides 4..32; it encodes each slice
+    pretrained: bool = True  # ImageNet weights: from `weights` when given, else timm's hub (needs internet)
+    weights: str | None = None  # local .safetensors / .pth file for the backbone
+    decoder: int = 64  # channels of the decoder at stride 4
+    # --- loss ---
+    sigma_mm: float = 3.0  # width of each point's target heatmap in the image plane, millimetres
+    sigma_slices: float = 0.7  # its width across slices, in slices
+    # --- augmentation (the same transform for every slice of a volume; points move with it) ---
+    aug_scale: float = 0.1  # scale drawn in [1 - s, 1 + s]
+    aug_shift: float = 0.06  # fraction of the image
+    aug_rotate: float = 8.0  # degrees
+    aug_contrast: float = 0.2  # contrast factor drawn in [1 - c, 1 + c]
+    aug_brightness: float = 0.1  # brightness shift drawn in [-b, b]
+    # --- optimisation (the loop's, with the localiser's defaults) ---
+    epochs: int = 30  # training epochs
+    batch_size: int = 4  # volumes per step and device
+    lr_backbone: float = 3e-4  # peak learning rate of the backbone (AdamW)
+    lr_head: float = 1e-3  # peak learning rate of the decoder and head
+    weight_decay: float = 1e-4  # AdamW weight decay
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine to 0
+    freeze_epochs: int = 0  # backbone frozen for the first N epochs
+    swa_start: int | None = None  # epoch from which weights are averaged (SWA); None = off
+    patience: int | None = None  # early stop after N epochs without a lower validation loss
+
+    kind: ClassVar[str] = "localiser"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.target not in LOCATE_TARGETS:
+            raise SettingError(f"target {self.target!r} not in {LOCATE_TARGETS}")
+        for name, low in (("image_size", 32), ("decoder", 4), ("sigma_mm", 0.1), ("sigma_slices", 0.1),
+                          ("aug_scale", 0), ("aug_shift", 0), ("aug_rotate", 0), ("aug_contrast", 0),
+                          ("aug_brightness", 0)):
+            _at_least(name, getattr(self, name), low)
+        if self.image_size is not None and self.image_size % 32:
+            raise SettingError(f"image_size must be a multiple of 32 (the encoder's stride), got {self.image_size}")
+
+
 def mirror_condition(condition: str) -> str:
     """'Left Neural Foraminal Narrowing' <-> 'Right ...'; a midline condition is its own mirror."""
     side = CONDITION_SIDE[condition]
