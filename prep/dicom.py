@@ -6,15 +6,29 @@ black image, which trained the model on nothing.
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
-# Only the tags the geometry needs: parsing stops before PixelData, so indexing a series reads a few KB per file.
-HEADER_TAGS = ("InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+# The tags the geometry and the intensities need: parsing stops before PixelData, so indexing a series reads a few KB
+# per file, and every value the pixels depend on is checked before any file is decoded.
+HEADER_TAGS = ("InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+               "RescaleSlope", "RescaleIntercept")
+
+# What a usable header holds (header_of). Outside these a value is an error, never a guess: a spacing of 1e-4 mm would
+# make a crop box of millions of pixels, a zero orientation a stack ordered by noise, a NaN slope a slice of NaN.
+SPACING_MM = (0.05, 10.0)  # PixelSpacing: clinical MR is ~0.2-2 mm
+MAX_SIDE = 8192  # Rows, Columns (pixels); MR is <= 1024
+MAX_POSITION_MM = 1e6  # |ImagePositionPatient|: any patient fits in 1 km
+UNIT_TOLERANCE = 0.01  # ImageOrientationPatient: |row|, |col| within 1 % of 1, row . col within 0.01 (~0.6 degrees)
+MAX_RESCALE = 1e20  # |RescaleSlope|, |RescaleIntercept|: any stored value (< 2^32) rescaled stays finite in float32
 
 
 class DicomError(Exception):
@@ -43,15 +57,83 @@ class SliceHeader:
         return self.rows, self.cols
 
 
-def _floats(ds: pydicom.Dataset, tag: str, n: int) -> tuple[float, ...] | None:
-    value = ds.get(tag)
-    if value is None:
-        return None
+# Tags stored as binary integers (US): their value is read through pydicom; every other tag here is text (DS, IS, CS).
+BINARY_TAGS = frozenset({"Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation"})
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """A tag's value as written in the file ('0.5\\0.5'), without pydicom's conversion (which raises on 'abc' and
+    lets 'nan' through); None when the tag is absent or empty, which is a missing tag, not a bad one."""
+    if keyword in BINARY_TAGS:
+        try:
+            value = ds.get(keyword)
+        except (ValueError, TypeError, KeyError):  # a binary value of the wrong length
+            return "unreadable"
+    else:
+        elem = ds.get_item(keyword, keep_deferred=True)
+        value = None if elem is None else elem.value
+    if isinstance(value, bytes):
+        text = value.decode("ascii", errors="replace")
+    elif isinstance(value, (list, tuple, MultiValue)):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = "" if value is None else str(value)
+    text = text.strip(" \0")
+    return text or None
+
+
+def _numbers(text: str, n: int) -> tuple[float, ...] | None:
+    """``n`` finite numbers from a backslash-separated DICOM value, else None."""
+    parts = text.split("\\")
     try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
+        values = tuple(float(v) for v in parts)
+    except ValueError:
         return None
-    return out if len(out) == n and all(np.isfinite(out)) else None
+    return values if len(values) == n and all(math.isfinite(v) for v in values) else None
+
+
+def _geometry(ds: pydicom.Dataset, path: str | Path, keyword: str, n: int, ok: Callable[[tuple[float, ...]], bool],
+              what: str) -> tuple[float, ...] | None:
+    """A geometry tag's ``n`` numbers; None when the tag is missing; DicomError when it is there but unusable."""
+    text = _text(ds, keyword)
+    if text is None:
+        return None
+    values = _numbers(text, n)
+    if values is None or not ok(values):
+        raise DicomError(path, f"{keyword} '{text}' is not {what}")
+    return values
+
+
+def _orthonormal(o: tuple[float, ...]) -> bool:
+    row, col = np.asarray(o[:3]), np.asarray(o[3:])
+    return bool(abs(np.linalg.norm(row) - 1) <= UNIT_TOLERANCE and abs(np.linalg.norm(col) - 1) <= UNIT_TOLERANCE
+                and abs(float(row @ col)) <= UNIT_TOLERANCE)
+
+
+def rescale_of(ds: pydicom.Dataset, path: str | Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept), (1, 0) where a tag is missing; a non-numeric, non-finite, zero (slope) or
+    huge value is a DicomError: it would make every pixel NaN, infinite or one value."""
+    out = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        text = _text(ds, keyword)
+        value = default if text is None else _numbers(text, 1)
+        value = value[0] if isinstance(value, tuple) else value
+        if value is None or abs(value) > MAX_RESCALE or (keyword == "RescaleSlope" and value == 0):
+            need = "finite, non-zero" if keyword == "RescaleSlope" else "finite"
+            raise DicomError(path, f"{keyword} '{text}' is not a usable number ({need}, |value| <= "
+                                   f"{MAX_RESCALE:.0e})")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _whole(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """A whole-number tag (US or IS: '7' or '7.0'); None when missing or not a whole number (the caller names it)."""
+    text = _text(ds, keyword)
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return int(value) if value is not None and math.isfinite(value) and value == int(value) else None
 
 
 def _not_empty(path: str | Path) -> None:
@@ -77,24 +159,33 @@ def _dcmread(path: str | Path, what: str, **kwargs) -> pydicom.Dataset:
 
 
 def header_of(ds: pydicom.Dataset, path: str | Path, instance_number: int | None = None) -> SliceHeader:
-    """The slice header of a parsed file. ``instance_number`` (from the file name) is used when the tag is missing."""
-    number = ds.get("InstanceNumber")
-    number = instance_number if number is None or number == "" else number
-    if number is None or ds.get("Rows") is None or ds.get("Columns") is None:
+    """The slice header of a parsed file, every geometry and intensity value checked. ``instance_number`` (from the
+    file name) is used when the tag is missing. A missing position, orientation or spacing is None (the build
+    falls back, and says so); one that is present but unusable is a DicomError naming the tag and its value."""
+    number_text = _text(ds, "InstanceNumber")
+    rows, cols = _whole(ds, "Rows"), _whole(ds, "Columns")
+    if (number_text is None and instance_number is None) or _text(ds, "Rows") is None \
+            or _text(ds, "Columns") is None:
         raise DicomError(path, "header lacks InstanceNumber/Rows/Columns")
+    number = instance_number if number_text is None else _whole(ds, "InstanceNumber")
+    if number is None:
+        raise DicomError(path, f"InstanceNumber '{number_text}' is not a whole number")
     # Coordinates name a slice by its file name: a header claiming another number would put it in the wrong place.
-    if instance_number is not None and int(number) != instance_number:
-        raise DicomError(path, f"InstanceNumber {int(number)} in the header disagrees with the file name")
-    spacing = _floats(ds, "PixelSpacing", 2)
-    return SliceHeader(
-        path=str(path),
-        instance_number=int(number),
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
-        position=_floats(ds, "ImagePositionPatient", 3),  # type: ignore[arg-type]
-        orientation=_floats(ds, "ImageOrientationPatient", 6),
-        spacing=spacing if spacing and min(spacing) > 0 else None,  # type: ignore[arg-type]
-    )
+    if instance_number is not None and number != instance_number:
+        raise DicomError(path, f"InstanceNumber {number} in the header disagrees with the file name")
+    if rows is None or cols is None or not (1 <= rows <= MAX_SIDE and 1 <= cols <= MAX_SIDE):
+        raise DicomError(path, f"Rows x Columns {_text(ds, 'Rows')} x {_text(ds, 'Columns')} is not an image size "
+                               f"(1..{MAX_SIDE} pixels a side)")
+    lo, hi = SPACING_MM
+    spacing = _geometry(ds, path, "PixelSpacing", 2, lambda v: all(lo <= x <= hi for x in v),
+                        f"2 spacings of {lo:g}..{hi:g} mm")
+    position = _geometry(ds, path, "ImagePositionPatient", 3, lambda v: all(abs(x) <= MAX_POSITION_MM for x in v),
+                         "3 finite coordinates in mm")
+    orientation = _geometry(ds, path, "ImageOrientationPatient", 6, _orthonormal,
+                            "two perpendicular unit directions (6 numbers)")
+    rescale_of(ds, path)  # checked with the header, so an unused file with a bad value is reported too
+    return SliceHeader(path=str(path), instance_number=number, rows=rows, cols=cols,
+                       position=position, orientation=orientation, spacing=spacing)  # type: ignore[arg-type]
 
 
 def read_header(path: str | Path, instance_number: int | None = None) -> SliceHeader:
@@ -112,9 +203,65 @@ def read_slice(path: str | Path, instance_number: int | None = None) -> tuple[Sl
         ds = pydicom.dcmread(path, defer_size=DEFER_BYTES) if Path(path).stat().st_size else None
     except Exception:  # noqa: BLE001 - any failure here is re-diagnosed, and named, by read_header below
         ds = None
-    if ds is None or "PixelData" not in ds:
+    if ds is None:
         return read_header(path, instance_number), None
     return header_of(ds, path, instance_number), ds
+
+
+ENCAPSULATED = 0xFFFFFFFF  # PixelData's length when it holds compressed fragments
+DEFLATED = "1.2.840.10008.1.2.1.99"  # the whole dataset is deflated: offsets are not file offsets
+
+
+def _pixel_bytes(ds: pydicom.Dataset, path: str | Path, read: bool) -> tuple[int | None, int | None]:
+    """(bytes PixelData declares, bytes the file holds of it), without reading it when it is deferred: the file's
+    size past the value's offset is what a read would return. None where that cannot be known without ``read``."""
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    declared = getattr(raw, "length", None)
+    if getattr(raw, "value", None) is not None:
+        return declared, len(raw.value)
+    if not read and ds.file_meta.get("TransferSyntaxUID") != DEFLATED and getattr(raw, "value_tell", None):
+        return declared, max(os.stat(path).st_size - raw.value_tell, 0)
+    if not read:
+        return declared, None
+    try:
+        return declared, len(ds.get_item("PixelData").value or b"")
+    except (OSError, EOFError, ValueError) as e:
+        raise DicomError(path, f"unreadable pixel data ({type(e).__name__}: {e})") from None
+
+
+def check_pixel_data(ds: pydicom.Dataset, path: str | Path, read: bool = True) -> None:
+    """Everything about a file's pixel data that its header tells, without decoding it: present, not cut short, one
+    grayscale frame, a bit depth that holds a slice, and (uncompressed) exactly Rows x Columns values. Cheap enough
+    for every file of a series, so a bad file no stack needs is reported too. ``read=False`` never reads the pixel
+    bytes (a deflated file's length is then checked only when it is decoded)."""
+    if "PixelData" not in ds:
+        raise DicomError(path, "no pixel data")
+    declared, held = _pixel_bytes(ds, path, read)
+    if declared not in (None, ENCAPSULATED) and held is not None and declared != held:
+        raise DicomError(path, f"unreadable pixel data: file truncated (PixelData declares {declared} bytes, "
+                               f"the file holds {held})")
+    samples = _whole(ds, "SamplesPerPixel")
+    if samples is not None and samples != 1 or (samples is None and _text(ds, "SamplesPerPixel") is not None):
+        raise DicomError(path, f"not a grayscale image (SamplesPerPixel={_text(ds, 'SamplesPerPixel')})")
+    frames = _whole(ds, "NumberOfFrames")
+    if frames is None and _text(ds, "NumberOfFrames") is not None:
+        raise DicomError(path, f"NumberOfFrames '{_text(ds, 'NumberOfFrames')}' is not a whole number")
+    if frames is not None and frames != 1:
+        raise DicomError(path, f"multi-frame image ({frames} frames) is not a single slice")
+    photometric = _text(ds, "PhotometricInterpretation")
+    if photometric is not None and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(path, f"not a grayscale image (PhotometricInterpretation '{photometric}')")
+    bits, stored = _whole(ds, "BitsAllocated"), _whole(ds, "BitsStored")
+    if (_text(ds, "BitsAllocated"), _text(ds, "BitsStored")) != (None, None) and \
+            (bits not in (8, 16, 32) or stored is None or not 1 <= stored <= bits):
+        raise DicomError(path, f"BitsAllocated {_text(ds, 'BitsAllocated')} / BitsStored {_text(ds, 'BitsStored')} "
+                               "cannot hold a grayscale slice")
+    rows, cols = _whole(ds, "Rows"), _whole(ds, "Columns")
+    if declared != ENCAPSULATED and held is not None and bits and rows and cols:
+        need = rows * cols * bits // 8
+        if held not in (need, need + need % 2):  # an odd length carries one pad byte
+            raise DicomError(path, f"pixel data holds {held} bytes, Rows x Columns x BitsAllocated "
+                                   f"({rows}x{cols}x{bits}) need {need}")
 
 
 NATIVE_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # Implicit / Explicit VR Little Endian
@@ -159,22 +306,8 @@ def pixels_of(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     percentiles of the stack, which are shift-invariant, so -v gives exactly the MONOCHROME2 picture without a
     per-slice constant that would make neighbouring slices disagree.
     """
-    if "PixelData" not in ds:
-        raise DicomError(path, "no pixel data")
-    # The raw element, before conversion: pydicom silently keeps the bytes a cut file still has. A deferred element
-    # knows its declared length before its value is read.
-    declared = getattr(ds.get_item("PixelData", keep_deferred=True), "length", None)
-    try:
-        held = len(ds.get_item("PixelData").value or b"")
-    except (OSError, EOFError, ValueError) as e:
-        raise DicomError(path, f"unreadable pixel data ({type(e).__name__}: {e})") from None
-    if declared is not None and declared != 0xFFFFFFFF and declared != held:  # 0xFFFFFFFF: encapsulated
-        raise DicomError(path, f"unreadable pixel data: file truncated (PixelData declares {declared} bytes, "
-                               f"the file holds {held})")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise DicomError(path, f"not a grayscale image (SamplesPerPixel={ds.SamplesPerPixel})")
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise DicomError(path, f"multi-frame image ({ds.NumberOfFrames} frames) is not a single slice")
+    check_pixel_data(ds, path)
+    slope, intercept = rescale_of(ds, path)
     try:
         stored = _native_pixels(ds)
         if stored is None:
@@ -188,7 +321,6 @@ def pixels_of(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     if stored.dtype.kind == "f" and not np.isfinite(stored).all():  # float pixel data; integers cannot be NaN
         raise DicomError(path, "pixel data holds NaN or infinite values")
     img = stored.astype(np.float32)  # the one copy: native-endian float32 from any stored dtype
-    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     if slope != 1.0:
         img *= np.float32(slope)
     if intercept != 0.0:

@@ -7,6 +7,7 @@ normal, and instance order is only a recorded fallback when the tags are missing
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,30 @@ class Stack:
     @property
     def centre(self) -> SliceHeader:
         return self.slices[len(self.slices) // 2]
+
+
+def placed(h: SliceHeader) -> bool:
+    """Whether a slice carries the tags that place its pixels in the patient (pixel_to_pixel needs all three)."""
+    return h.orientation is not None and h.position is not None and h.spacing is not None
+
+
+def misfits(headers: list[SliceHeader]) -> dict[str, str]:
+    """Slices no neighbour can be mapped onto, or from: path -> why.
+
+    A slice of another size than most of its series cannot be resampled onto their grid when geometry tags are
+    missing (on it, or on the slices of the common size). Such a slice is the bad file, not the samples around it:
+    it is dropped from the series like an undecodable neighbour, and only a sample labelled on it fails. Slices of
+    one size, or with full geometry, all fit (pixel_to_pixel never refuses them).
+    """
+    shapes = Counter(h.shape for h in headers)
+    if len(shapes) < 2 or all(placed(h) for h in headers):
+        return {}
+    first = {s: min(h.instance_number for h in headers if h.shape == s) for s in shapes}
+    common = max(shapes, key=lambda s: (shapes[s], -first[s]))  # most slices; a tie goes to the lowest instance
+    common_unplaced = any(not placed(h) for h in headers if h.shape == common)
+    return {h.path: f"{h.cols}x{h.rows} slice among {common[1]}x{common[0]} ones, and geometry tags are missing to "
+                    "map one onto the other"
+            for h in headers if h.shape != common and (common_unplaced or not placed(h))}
 
 
 def normal(h: SliceHeader) -> np.ndarray:

@@ -16,12 +16,16 @@ import numpy as np
 
 from prep.config import PrepConfig
 from prep.crop import CropBox, crop_box, crop_slice
-from prep.dicom import DicomError, SliceHeader, pixels_of, read_pixels, read_slice
-from prep.geometry import Stack, pixel_to_pixel, stack_around
+from prep.dicom import DicomError, SliceHeader, check_pixel_data, pixels_of, read_pixels, read_slice
+from prep.geometry import Stack, misfits, pixel_to_pixel, stack_around
 from prep.samples import error
 from prep.windows import apply_windows, clahe_channels, stack_bounds
 
 Record = dict[str, Any]  # {"ok": True, **index columns} or {"ok": False, **errors columns}
+
+# A crop box wider than this (pixels a side) is refused, not allocated: only a spacing near SPACING_MM's floor with a
+# very large box gets there (the default 255 mm box is 5,100 px at 0.05 mm/px).
+MAX_BOX_PX = 8192
 
 
 class SampleError(Exception):
@@ -41,7 +45,11 @@ def index_series(series_dir: Path, datasets: dict[str, Any] | None = None
     """
     headers: list[SliceHeader] = []
     failed: dict[str, DicomError] = {}
-    for name in sorted(os.listdir(series_dir)):
+    try:
+        names = sorted(os.listdir(series_dir))
+    except OSError as e:  # e.g. no permission: every sample of the series fails with the reason
+        raise DicomError(series_dir, f"unreadable series folder ({os.strerror(e.errno) if e.errno else e})") from None
+    for name in names:
         stem, ext = os.path.splitext(name)
         if ext.lower() != ".dcm":
             continue
@@ -57,13 +65,24 @@ def index_series(series_dir: Path, datasets: dict[str, Any] | None = None
 
 
 class SeriesReader:
-    """Decoded slices of one series, each file read at most once; files that fail are remembered and dropped."""
+    """Decoded slices of one series, each file read at most once; files that fail are remembered and dropped.
+
+    Every parsed file's pixel data is checked from its header first (check_pixel_data: no decode, no read), so a file
+    that can never be decoded is dropped before any stack is taken, and reported even when no stack needs it.
+    """
 
     def __init__(self, headers: list[SliceHeader], datasets: dict[str, Any] | None = None):
-        self.headers = headers
         self.datasets = datasets or {}  # from index_series: parsed once, pixels still on disk; dropped once decoded
         self.pixels: dict[str, np.ndarray] = {}
         self.failed: dict[str, DicomError] = {}
+        for h in headers:
+            if h.path in self.datasets:
+                try:
+                    check_pixel_data(self.datasets[h.path], h.path, read=False)
+                except DicomError as e:
+                    self.failed[h.path] = e
+                    del self.datasets[h.path]
+        self.headers = [h for h in headers if h.path not in self.failed]
         self._number = {h.path: h.instance_number for h in headers}
 
     def stack(self, instance_number: int, slices: int) -> tuple[Stack, dict[str, np.ndarray]]:
@@ -114,6 +133,10 @@ def build_stack(stack: Stack, images: dict[str, np.ndarray], x: float, y: float,
             raise SampleError("window", str(e), centre.path) from None
     bounds, pad = bounds_cache[unique]
     box = crop_box(x, y, centre.spacing, config.half_size_mm)
+    if max(box.w, box.h) > MAX_BOX_PX:
+        raise SampleError("crop", f"crop box {box.w}x{box.h} px ({2 * config.half_size_mm:g} mm at "
+                                  f"{centre.spacing[1]:g}x{centre.spacing[0]:g} mm/px) is over {MAX_BOX_PX} px a side",
+                          centre.path)
     crops: list[np.ndarray] = []  # one per distinct slice: a replicated edge slice is cropped and CLAHE'd once
     for path in unique:
         h = next(h for h in stack.slices if h.path == path)
@@ -164,16 +187,24 @@ def process_series(series_dir: str | Path, samples: list[dict], config: PrepConf
     if not series_dir.is_dir():
         return [_sample_error(s, str(series_dir), "read", "missing series folder") for s in samples]
     datasets: dict[str, Any] = {}
-    headers, header_failed = index_series(series_dir, datasets)
+    try:
+        headers, header_failed = index_series(series_dir, datasets)
+    except DicomError as e:
+        return [_sample_error(s, e.path, "read", e.reason) for s in samples]
+    # Slices that fit no grid of the series are its bad files, like undecodable ones (geometry.misfits).
+    unplaced = {path: DicomError(path, why) for path, why in misfits(headers).items()}
+    headers = [h for h in headers if h.path not in unplaced]
+    for path in unplaced:
+        datasets.pop(path, None)
     reader = SeriesReader(headers, datasets)
     bounds_cache: dict[tuple[str, ...], tuple[np.ndarray, float]] = {}
     records: list[Record] = []
     for s in sorted(samples, key=lambda s: s["row"]):
         try:
             labelled_path = str(series_dir / f"{s['instance_number']}.dcm")
-            if labelled_path in header_failed:
-                e = header_failed[labelled_path]
-                raise SampleError("read", f"labelled instance: {e.reason}", e.path)
+            for stage, failed in (("read", header_failed), ("geometry", unplaced)):
+                if labelled_path in failed:
+                    raise SampleError(stage, f"labelled instance: {failed[labelled_path].reason}", labelled_path)
             try:
                 stack, images = reader.stack(s["instance_number"], config.slices)
             except KeyError:
@@ -185,7 +216,8 @@ def process_series(series_dir: str | Path, samples: list[dict], config: PrepConf
     # Files that failed without failing a sample (a dropped neighbour, an unused file): still reported, once each.
     study, series = samples[0]["study_id"], samples[0]["series_id"]
     reported = {r["path"] for r in records if not r["ok"]}
-    file_errors = [("read", e) for e in header_failed.values()] + [("decode", e) for e in reader.failed.values()]
+    file_errors = [("read", e) for e in header_failed.values()] + [("geometry", e) for e in unplaced.values()] + \
+        [("decode", e) for e in reader.failed.values()]
     for stage, e in file_errors:
         if e.path not in reported:
             records.append(dict(ok=False, **error(e.path, None, e.reason, stage=stage, study_id=study,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -348,3 +350,100 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch) -> None:
     assert progress_interval() == 0.1
     monkeypatch.setenv("LSDC_NO_PROGRESS", "1")
     assert not progress_enabled() and progress_enabled(True)
+
+
+# ---------------------------------------------------------- a damaged cache is one named CacheFormatError (issue 15)
+def _cut(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+DAMAGE = {
+    "index.parquet cut to 1000 bytes": (lambda p: _cut(p / "index.parquet", 1000), "index.parquet"),
+    "index.parquet emptied": (lambda p: _cut(p / "index.parquet", 0), "index.parquet"),
+    "errors.parquet cut": (lambda p: _cut(p / "errors.parquet", 100), "errors.parquet"),
+    "index.parquet of another table": (lambda p: pq.write_table(pq.read_table(p / "errors.parquet"),
+                                                                p / "index.parquet"), "index.parquet"),
+    "manifest.json a JSON list": (lambda p: (p / "manifest.json").write_text("[1, 2]"), "manifest.json"),
+    "manifest.json not JSON": (lambda p: (p / "manifest.json").write_bytes(b"\xff{oops"), "manifest.json"),
+    "manifest.json without the array": (lambda p: (p / "manifest.json").write_text(json.dumps(
+        {**json.loads((p / "manifest.json").read_text()), "array": "?"})), "manifest.json"),
+    "zarr.json garbage": (lambda p: (p / "zarr.json").write_text("garbage{"), "zarr.json"),
+    "zarr.json a JSON list": (lambda p: (p / "zarr.json").write_text("[]"), "zarr.json"),
+    "crops/zarr.json garbage": (lambda p: (p / "crops" / "zarr.json").write_text("garbage{"), "crops/zarr.json"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_cache_is_one_named_format_error(built: Path, damage: str) -> None:
+    """Never a pyarrow, json or zarr traceback: cache.open and cache.verify raise CacheFormatError (a UserError), in
+    one line naming the cache and the file."""
+    spoil, name = DAMAGE[damage]
+    spoil(built)
+    with pytest.raises(cache.CacheFormatError) as e:
+        cache.verify(cache.open(built))  # open, or (the array's own metadata) verify
+    message = str(e.value)
+    assert isinstance(e.value, cache.UserError) and "\n" not in message and len(message) < 400, message
+    assert str(built) in message and name in message, message
+
+
+def test_finalise_writes_strict_json_manifest(built: Path) -> None:
+    """No NaN or Infinity literal ever reaches manifest.json (strict JSON readers refuse them)."""
+    def refuse(literal: str) -> None:
+        raise AssertionError(f"{literal} literal in manifest.json")
+
+    json.loads((built / "manifest.json").read_text(), parse_constant=refuse)
+    w = cache.CacheWriter.create(built.parent / "nan", n_rows=1, slices=h.SLICES, size=h.SIZE,
+                                 config={**h.CONFIG, "bad": float("nan")})
+    w.write(0, h.stack(0))
+    with pytest.raises(ValueError, match="not JSON compliant"):  # a bug upstream, loud: never a NaN literal
+        w.finalise(pd.DataFrame([h.index_record(0, cache.checksum(h.stack(0)))]))
+    assert not (built.parent / "nan" / "manifest.json").exists()
+
+
+# ------------------------------------------------- a cache that cannot be written is one CacheWriteError (issue 15)
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_one_write_error_and_the_writer_resumes(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "c"
+    w = cache.CacheWriter.create(path, n_rows=4, slices=h.SLICES, size=h.SIZE, config=h.CONFIG)
+    digests = {0: w.write(0, h.stack(0))}
+    with monkeypatch.context() as m:
+        m.setattr(cache.writer, "write_chunk", _full_disk)  # the chunk file's own write fails
+        with pytest.raises(cache.format.CacheWriteError, match=r"cannot write the cache at .*: No space left on "
+                                                               r"device \(disk full\); free space .* resumes"):
+            w.write(1, h.stack(1))
+        m.setattr(cache.writer, "atomic_write_json", _full_disk)  # the progress file
+        with pytest.raises(cache.format.CacheWriteError, match="disk full"):
+            w.save_task("t", [])
+        m.setattr(cache.writer, "atomic_write", _full_disk)  # the index while finalising
+        index = pd.DataFrame([h.index_record(0, digests[0])])
+        with pytest.raises(cache.format.CacheWriteError, match=r"cannot finalise the cache at .*disk full.*rerun"):
+            w.finalise(index)
+    assert not (path / "manifest.json").exists() and not list(path.glob("crops/*.partial"))
+    with pytest.raises(cache.CacheNotFinalised):
+        cache.open(path)
+    w.finalise(index)  # space freed: the same writer finishes
+    assert len(cache.open(path)) == 1
+
+
+def test_a_file_or_read_only_output_is_one_write_error(tmp_path: Path, monkeypatch) -> None:
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for make in (lambda: cache.CacheWriter.create(a_file, n_rows=1), lambda: cache.build_lock(a_file).__enter__()):
+        with pytest.raises(cache.format.CacheWriteError, match="is a file, not a folder"):
+            make()
+    out = tmp_path / "ro"
+    out.mkdir()
+    real = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # root ignores permissions: simulate the read-only filesystem
+        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(cache.writer.os, "open", read_only)
+    with pytest.raises(cache.format.CacheWriteError, match="cannot write to .*ro: Read-only file system"), \
+            cache.build_lock(out):
+        pass

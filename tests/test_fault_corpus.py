@@ -22,7 +22,10 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import encapsulate, generate_fragments
+from pydicom.tag import Tag
 from pydicom.uid import JPEG2000Lossless
 
 import cache
@@ -32,7 +35,7 @@ from prep.build import build
 from prep.config import PrepConfig
 from prep.samples import TableError
 from prep.synth import synth
-from prep_fixtures import phantom, write_dataset
+from prep_fixtures import SAGITTAL, phantom, write_dataset, write_slice
 
 SYNTH_CFG = PrepConfig(size=32)
 SMALL_CFG = PrepConfig(size=32, crop_scale=1.0, crop_base_mm=20.0)
@@ -94,8 +97,8 @@ SYNTH_ERRORS: dict[str, tuple[str, str, str | None]] = {
     "zero_byte_file": ("read", r"labelled instance: empty file \(0 bytes\)", None),
     "non_dicom_file": ("read", r"labelled instance: not a DICOM file \(.*DICM", None),
     "no_pixel_data": ("decode", r"labelled instance: no pixel data$", None),
-    "pixel_data_too_short": ("decode", r"labelled instance: undecodable pixel data \(Explicit VR Little Endian; "
-                                       r".*less than expected", None),
+    "pixel_data_too_short": ("decode", r"labelled instance: pixel data holds \d+ bytes, Rows x Columns x "
+                                       r"BitsAllocated \(\d+x\d+x16\) need \d+$", None),
     "undecodable_transfer_syntax": ("decode", r"labelled instance: undecodable pixel data \(MPEG2 .*not supported",
                                     None),
     "missing_instance": ("read", r"missing file: instance \d+ lies inside the series' numbering \d+\.\.\d+ but its "
@@ -251,6 +254,7 @@ class Expect:
 
     errors: list[tuple[str, str, int | None, str | None]] = field(default_factory=list)
     changed: set[tuple[int, str]] = field(default_factory=set)  # built samples allowed to differ from the clean ones
+    dropped: set[tuple[int, int]] = field(default_factory=set)  # (study, instance): a bad file no built sample holds
     table: str | None = None  # a broken table: build raises TableError naming this file, and writes nothing
     check: Callable[[cache.CacheReader, Path], None] | None = None
 
@@ -328,7 +332,7 @@ def corrupt_compressed_bytes(d: Path) -> Expect:
     failing = _levels_on(d, S0, path)
     return Expect([("decode", r"labelled instance: undecodable pixel data \(JPEG 2000 Image Compression "
                               r"\(Lossless Only\); RuntimeError", S0, lv) for lv in failing],
-                  changed=_others(S0, *failing))  # the others lose that neighbour
+                  changed=_others(S0, *failing), dropped={(S0, int(path.stem))})  # the others lose that neighbour
 
 
 def rgb_image(d: Path) -> Expect:
@@ -342,7 +346,7 @@ def rgb_image(d: Path) -> Expect:
     _rewrite(path, rgb)
     failing = _levels_on(d, S0, path)
     return Expect([("decode", r"labelled instance: not a grayscale image \(SamplesPerPixel=3\)", S0, lv)
-                   for lv in failing], changed=_others(S0, *failing))
+                   for lv in failing], changed=_others(S0, *failing), dropped={(S0, int(path.stem))})
 
 
 def multi_frame(d: Path) -> Expect:
@@ -355,7 +359,7 @@ def multi_frame(d: Path) -> Expect:
     _rewrite(path, frames)
     failing = _levels_on(d, S0, path)
     return Expect([("decode", r"labelled instance: multi-frame image \(2 frames\)", S0, lv) for lv in failing],
-                  changed=_others(S0, *failing))
+                  changed=_others(S0, *failing), dropped={(S0, int(path.stem))})
 
 
 def header_without_rows(d: Path) -> Expect:
@@ -363,7 +367,7 @@ def header_without_rows(d: Path) -> Expect:
     _rewrite(path, lambda ds: delattr(ds, "Rows"))
     failing = _levels_on(d, S2, path)
     return Expect([("read", r"labelled instance: header lacks InstanceNumber/Rows/Columns", S2, lv)
-                   for lv in failing], changed=_others(S2, *failing))
+                   for lv in failing], changed=_others(S2, *failing), dropped={(S2, int(path.stem))})
 
 
 def instance_number_disagrees_with_file_name(d: Path) -> Expect:
@@ -372,7 +376,8 @@ def instance_number_disagrees_with_file_name(d: Path) -> Expect:
     _rewrite(path, lambda ds: setattr(ds, "InstanceNumber", int(other.stem)))
     failing = _levels_on(d, S1, path)
     return Expect([("read", rf"labelled instance: InstanceNumber {other.stem} in the header disagrees with the file "
-                            r"name$", S1, lv) for lv in failing], changed=_others(S1, *failing))
+                            r"name$", S1, lv) for lv in failing], changed=_others(S1, *failing),
+                  dropped={(S1, int(path.stem))})
 
 
 def empty_instance_number_tag(d: Path) -> Expect:
@@ -383,7 +388,8 @@ def empty_instance_number_tag(d: Path) -> Expect:
 
 
 def other_size_without_geometry(d: Path) -> Expect:
-    """No position/orientation tags and one neighbour of another size: it cannot be placed on the labelled grid."""
+    """No position/orientation tags and one slice of another size: it cannot be placed on the series' grid. It is the
+    bad file, not the samples around it: dropped and reported once; only a sample labelled on it fails."""
     files = sorted(_series(d, S2).iterdir(), key=lambda p: int(p.stem))  # no geometry: instance-number order
     odd = files[0]
     for p in files:
@@ -394,14 +400,11 @@ def other_size_without_geometry(d: Path) -> Expect:
         ds.PixelData = phantom(80, seed=3).astype("<u2").tobytes()
 
     _rewrite(odd, bigger)
-    errors, numbers = [], [int(p.stem) for p in files]
-    for lv in LEVELS:
-        k = numbers.index(int(_labelled(d, S2, lv).stem))
-        if 0 in {min(max(i, 0), len(files) - 1) for i in range(k - 3, k + 4)}:
-            errors.append(("geometry", r"neighbour instance \d+ is \d+x\d+, the labelled slice \d+x\d+, and "
-                                       r"geometry tags are missing to map one onto the other", S2, lv))
-    assert errors
-    return Expect(errors, changed=_others(S2, *(e[3] for e in errors)))
+    reason = r"80x80 slice among 64x64 ones, and geometry tags are missing to map one onto the other$"
+    failing = _levels_on(d, S2, odd)
+    errors = [("geometry", f"labelled instance: {reason}", S2, lv) for lv in failing]
+    return Expect(errors or [("geometry", f"^{reason}", S2, None)], changed=_others(S2, *failing),
+                  dropped={(S2, int(odd.stem))})
 
 
 def constant_stack(d: Path) -> Expect:
@@ -461,6 +464,97 @@ def stray_files_in_series(d: Path) -> Expect:
     return Expect()
 
 
+# ------------------------------------------------- a bad value in a geometry or intensity tag, or a size that lies
+def _raw(keyword: str, text: str) -> Callable[[pydicom.Dataset], None]:
+    """Set a text tag (DS, IS, CS) to exactly these bytes, which pydicom itself would refuse to write ('abc', 'nan')."""
+    def edit(ds: pydicom.Dataset) -> None:
+        value = text.encode() + (b" " if len(text) % 2 else b"")
+        tag = Tag(tag_for_keyword(keyword))
+        ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(value), value, 0, False, True, True, False)
+
+    return edit
+
+
+def _set(**values: object) -> Callable[[pydicom.Dataset], None]:
+    return lambda ds: [setattr(ds, k, v) for k, v in values.items()]
+
+
+def _unused_slice(d: Path, study: int) -> Path:
+    """A tenth slice of the series, 4 mm beyond the last one: in the series, in no sample's stack (the stacks of
+    write_dataset's labelled slices, the 4th-6th of 9, end at the 9th)."""
+    return write_slice(_series(d, study) / "99.dcm", phantom(64, seed=99), instance=99, spacing=(0.9, 0.9),
+                       position=(-4.0 * 9, 0.0, 0.0), orientation=SAGITTAL)  # write_series' 10th place (normal -x)
+
+
+_SPACING, _POSITION, _ORIENTATION = (r"is not 2 spacings of 0\.05\.\.10 mm", r"is not 3 finite coordinates in mm",
+                                     r"is not two perpendicular unit directions \(6 numbers\)")
+_SLOPE, _INTERCEPT = (r"is not a usable number \(finite, non-zero, \|value\| <= 1e\+20\)",
+                      r"is not a usable number \(finite, \|value\| <= 1e\+20\)")
+# name -> (edit, stage, reason): every tag the geometry or the intensities read, non-numeric, non-finite, out of
+# range or degenerate; sizes that disagree with the pixel data; pixel formats that are no grayscale slice.
+BAD_VALUES: dict[str, tuple[Callable[[pydicom.Dataset], None], str, str]] = {
+    "PixelSpacing=abc": (_raw("PixelSpacing", "abc\\0.9"), "read", rf"PixelSpacing 'abc\\0\.9' {_SPACING}"),
+    "PixelSpacing=nan": (_raw("PixelSpacing", "nan\\0.9"), "read", rf"PixelSpacing 'nan\\0\.9' {_SPACING}"),
+    "PixelSpacing=0.01": (_raw("PixelSpacing", "0.01\\0.01"), "read", rf"PixelSpacing '0\.01\\0\.01' {_SPACING}"),
+    "PixelSpacing=20": (_raw("PixelSpacing", "20\\20"), "read", rf"PixelSpacing '20\\20' {_SPACING}"),
+    "PixelSpacing=negative": (_raw("PixelSpacing", "-0.9\\0.9"), "read", rf"PixelSpacing '-0\.9\\0\.9' {_SPACING}"),
+    "PixelSpacing=one_value": (_raw("PixelSpacing", "0.9"), "read", rf"PixelSpacing '0\.9' {_SPACING}"),
+    "ImagePositionPatient=nan": (_raw("ImagePositionPatient", "nan\\0\\0"), "read",
+                                 rf"ImagePositionPatient 'nan\\0\\0' {_POSITION}"),
+    "ImagePositionPatient=abc": (_raw("ImagePositionPatient", "x\\0\\0"), "read",
+                                 rf"ImagePositionPatient 'x\\0\\0' {_POSITION}"),
+    "ImagePositionPatient=1e300": (_raw("ImagePositionPatient", "1e300\\0\\0"), "read",
+                                   rf"ImagePositionPatient '1e300\\0\\0' {_POSITION}"),
+    "ImagePositionPatient=two_values": (_raw("ImagePositionPatient", "0\\0"), "read",
+                                        rf"ImagePositionPatient '0\\0' {_POSITION}"),
+    "ImageOrientationPatient=zero": (_raw("ImageOrientationPatient", "0\\0\\0\\0\\0\\0"), "read",
+                                     rf"ImageOrientationPatient '0\\0\\0\\0\\0\\0' {_ORIENTATION}"),
+    "ImageOrientationPatient=parallel": (_raw("ImageOrientationPatient", "0\\1\\0\\0\\1\\0"), "read",
+                                         rf"ImageOrientationPatient '0\\1\\0\\0\\1\\0' {_ORIENTATION}"),
+    "ImageOrientationPatient=not_unit": (_raw("ImageOrientationPatient", "0\\2\\0\\0\\0\\-2"), "read",
+                                         rf"ImageOrientationPatient '0\\2\\0\\0\\0\\-2' {_ORIENTATION}"),
+    "ImageOrientationPatient=nan": (_raw("ImageOrientationPatient", "0\\1\\0\\0\\0\\nan"), "read",
+                                    rf"ImageOrientationPatient '0\\1\\0\\0\\0\\nan' {_ORIENTATION}"),
+    "ImageOrientationPatient=five_values": (_raw("ImageOrientationPatient", "0\\1\\0\\0\\0"), "read",
+                                            rf"ImageOrientationPatient '0\\1\\0\\0\\0' {_ORIENTATION}"),
+    "RescaleSlope=abc": (_raw("RescaleSlope", "abc"), "read", rf"RescaleSlope 'abc' {_SLOPE}"),
+    "RescaleSlope=nan": (_raw("RescaleSlope", "nan"), "read", rf"RescaleSlope 'nan' {_SLOPE}"),
+    "RescaleSlope=inf": (_raw("RescaleSlope", "inf"), "read", rf"RescaleSlope 'inf' {_SLOPE}"),
+    "RescaleSlope=0": (_raw("RescaleSlope", "0"), "read", rf"RescaleSlope '0' {_SLOPE}"),
+    "RescaleSlope=1e30": (_raw("RescaleSlope", "1e30"), "read", rf"RescaleSlope '1e30' {_SLOPE}"),
+    "RescaleIntercept=nan": (_raw("RescaleIntercept", "nan"), "read", rf"RescaleIntercept 'nan' {_INTERCEPT}"),
+    "RescaleIntercept=-inf": (_raw("RescaleIntercept", "-inf"), "read", rf"RescaleIntercept '-inf' {_INTERCEPT}"),
+    "RescaleIntercept=abc": (_raw("RescaleIntercept", "abc"), "read", rf"RescaleIntercept 'abc' {_INTERCEPT}"),
+    "InstanceNumber=abc": (_raw("InstanceNumber", "abc"), "read", r"InstanceNumber 'abc' is not a whole number"),
+    "InstanceNumber=4.5": (_raw("InstanceNumber", "4.5"), "read", r"InstanceNumber '4\.5' is not a whole number"),
+    "Rows=0": (_set(Rows=0), "read", r"Rows x Columns 0 x 64 is not an image size \(1\.\.8192 pixels a side\)"),
+    "Rows=32_data_64": (_set(Rows=32), "decode", (r"pixel data holds 8192 bytes, Rows x Columns x BitsAllocated "
+                                                  r"\(32x64x16\) need 4096$")),
+    "Columns=128_data_64": (_set(Columns=128), "decode", (r"pixel data holds 8192 bytes, Rows x Columns x "
+                                                          r"BitsAllocated \(64x128x16\) need 16384$")),
+    "BitsAllocated=12": (_set(BitsAllocated=12), "decode", r"BitsAllocated 12 / BitsStored 12 cannot hold a grayscale"),
+    "BitsStored=20": (_set(BitsStored=20), "decode", r"BitsAllocated 16 / BitsStored 20 cannot hold a grayscale"),
+    "PhotometricInterpretation=PALETTE_COLOR": (_set(PhotometricInterpretation="PALETTE COLOR"), "decode",
+                                                r"not a grayscale image \(PhotometricInterpretation 'PALETTE COLOR'\)"),
+    "NumberOfFrames=abc": (_raw("NumberOfFrames", "abc"), "decode", r"NumberOfFrames 'abc' is not a whole number"),
+}
+
+
+def _bad_value(edit: Callable[[pydicom.Dataset], None], stage: str, reason: str) -> Callable[[Path], Expect]:
+    """The value in two files: a labelled slice (its samples fail; it is also the neighbour of the other samples of
+    its series, which are built without it) and a slice no stack needs (reported once, nothing else changes)."""
+    def fault(d: Path) -> Expect:
+        labelled, unused = _labelled(d, S0, "L2/L3"), _unused_slice(d, S1)
+        _rewrite(labelled, edit)
+        _rewrite(unused, edit)
+        failing = _levels_on(d, S0, labelled)
+        return Expect([(stage, f"labelled instance: {reason}", S0, lv) for lv in failing]
+                      + [(stage, f"^{reason}", S1, None)], changed=_others(S0, *failing),
+                      dropped={(S0, int(labelled.stem)), (S1, 99)})
+
+    return fault
+
+
 def _table(name: str, write: Callable[[Path], None], reason: str) -> Callable[[Path], Expect]:
     def fault(d: Path) -> Expect:
         write(d / name)
@@ -486,6 +580,7 @@ EXTRA: dict[str, Callable[[Path], Expect]] = {
     "duplicate_study_in_train_csv": duplicate_study_in_train_csv,
     "series_missing_from_series_table": series_missing_from_series_table,
     "stray_files_in_series": stray_files_in_series,
+    **{f"bad_value[{name}]": _bad_value(*case) for name, case in BAD_VALUES.items()},
     **{f"empty_csv[{t}]": _table(t, lambda p: p.write_text(""), r"empty file \(no header\)") for t in TABLES},
     **{f"wrong_header[{t}]": _table(t, lambda p: p.write_text(p.read_text().replace("study_id", "studyid", 1)),
                                     r"wrong header: missing columns \['study_id'\]") for t in TABLES},
@@ -536,6 +631,9 @@ def test_extra_fault_gives_its_named_error(small, kind, tmp_path):
             assert (r.study_id, r.level) in built
         else:  # untouched by the fault: bit-identical to the clean build
             assert_same_sample(c, ref, (r.study_id, r.condition, r.level))
+    for study, instance in expect.dropped:  # a neighbour's stack is taken again without the bad file
+        held = [list(r.slice_instances) for r in c.index.itertuples() if r.study_id == study]
+        assert held and not any(instance in h for h in held), (study, instance, held)
     if expect.check is not None:
         expect.check(c, data)
 

@@ -251,3 +251,129 @@ def test_the_summary_counts_each_kind_of_error_and_says_when_it_lists_only_some(
     assert "coordinate (N, N) outside the NxN image" in text  # only a trailing "(...)" is cut
     kinds = 2 + SUMMARY_KINDS + 1
     assert f"... and {kinds - SUMMARY_KINDS} more kinds ({kinds - SUMMARY_KINDS} errors): see errors.parquet" in text
+
+
+# ----------------------------------------------------- refusals and a disk that fills up: one UserError (issue 15)
+def _fill_disk_after(monkeypatch, chunks: int) -> None:
+    """The cache's disk fills up once ``chunks`` more chunk files are written (in this process)."""
+    import errno
+
+    import cache.writer
+
+    real, left = cache.writer.write_chunk, [chunks]
+
+    def write_chunk(*args, **kwargs):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        left[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache.writer, "write_chunk", write_chunk)
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads", "cluster"])
+def test_a_full_disk_mid_build_stops_it_unfinalised_and_the_rerun_resumes(data, reference, tmp_path, monkeypatch,
+                                                                           scheduler):
+    """Never error rows and exit 0: the build stops at the first failed write with one CacheWriteError, keeps the
+    finished series, and once there is space again the same call ends with the uninterrupted build's cache."""
+    from dask.distributed import LocalCluster
+
+    out = tmp_path / "c"
+    _fill_disk_after(monkeypatch, 7)  # one series (5 samples) fits, the second does not
+    with pytest.raises(cache.format.CacheWriteError) as e:
+        if scheduler == "cluster":  # a dask.distributed cluster; its workers are threads here, and see the full disk
+            with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+                build(data, out, CFG, scheduler=cluster.scheduler_address)
+        else:
+            build(data, out, CFG, scheduler=scheduler, workers=1)
+    message = str(e.value)
+    assert isinstance(e.value, cache.UserError) and "\n" not in message
+    assert f"cannot write the cache at {out}: No space left on device (disk full)" in message and "rerun" in message
+    assert not (out / "manifest.json").exists() and not (out / "_build.lock").exists()
+    assert len(list((out / "_progress").glob("*.json"))) == 1  # the finished series is kept
+    monkeypatch.undo()  # space freed
+    again = build(data, out, CFG, scheduler="synchronous")
+    assert again.resumed == 1 and again.finalised and again.errors.empty
+    assert _content(out) == _content(reference)
+
+
+def test_a_full_disk_while_finalising_is_one_error_and_the_rerun_finalises(data, reference, tmp_path, monkeypatch):
+    import errno
+
+    import cache.writer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    out = tmp_path / "c"
+    monkeypatch.setattr(cache.writer, "atomic_write", full)  # pyarrow writing index.parquet
+    with pytest.raises(cache.format.CacheWriteError, match=rf"^cannot finalise the cache at {out}: No space left on "
+                                                           r"device \(disk full\); free space .* rerun") as e:
+        build(data, out, CFG, scheduler="synchronous")
+    assert "\n" not in str(e.value) and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    again = build(data, out, CFG, scheduler="synchronous")
+    assert again.resumed == 3 and again.finalised and _content(out) == _content(reference)
+
+
+def test_lsdc_prep_reports_a_full_disk_in_one_line(data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lsdc.cli import app
+
+    _fill_disk_after(monkeypatch, 0)
+    result = CliRunner().invoke(app, ["prep", str(data), str(tmp_path / "c"), "--size", "32", "--crop-base-mm", "20",
+                                      "--crop-scale", "1", "--scheduler", "synchronous", "--no-progress"])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "No space left on device (disk full)" in lines[0], \
+        result.output
+
+
+def test_an_output_that_cannot_hold_a_cache_is_refused_in_one_line(data, reference, tmp_path, monkeypatch):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(cache.format.CacheWriteError, match=rf"^{a_file} is a file, not a folder"):
+        build(data, a_file, CFG, scheduler="synchronous")
+    read_only = tmp_path / "ro"
+    shutil.copytree(reference, read_only)
+    real = os.open
+
+    def open_read_only(path, flags, *args, **kwargs):  # tests may run as root, whom chmod does not stop
+        if str(path).startswith(str(read_only)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            import errno
+
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_read_only)
+    with pytest.raises(cache.format.CacheWriteError, match=rf"^cannot write to {read_only}: Read-only file system"):
+        build(data, read_only, CFG, scheduler="synchronous")
+    monkeypatch.undo()
+    assert _content(read_only) == _content(reference)  # untouched
+
+
+@pytest.mark.parametrize("workers,scheduler,match", [
+    (0, None, "workers must be a whole number >= 1, got 0"),
+    (-2, "processes", "workers must be"),
+    (2, "proceses", "scheduler 'proceses' is neither"),
+    (2, "tcp//host", "scheduler 'tcp//host' is neither"),
+])
+def test_run_settings_that_cannot_work_are_refused_before_anything_is_written(data, tmp_path, workers, scheduler,
+                                                                              match):
+    from cache.errors import SettingError
+
+    with pytest.raises(SettingError, match=match):
+        build(data, tmp_path / "c", CFG, workers=workers, scheduler=scheduler)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_unreachable_scheduler_is_named_within_its_timeout(data, tmp_path, monkeypatch):
+    import prep.build as pb
+
+    assert pb.SCHEDULER_TIMEOUT_S <= 10  # dask's own default is 30 s
+    monkeypatch.setattr(pb, "SCHEDULER_TIMEOUT_S", 2)
+    start = time.monotonic()
+    with pytest.raises(pb.SchedulerUnreachable, match=r"^cannot reach the dask scheduler at tcp://127\.0\.0\.1:1 "
+                                                      r"within 2 s") as e:
+        build(data, tmp_path / "c", CFG, scheduler="tcp://127.0.0.1:1")
+    assert time.monotonic() - start < 10 and "\n" not in str(e.value) and isinstance(e.value, cache.UserError)
