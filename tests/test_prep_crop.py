@@ -184,3 +184,17 @@ def test_stack_bounds_keeps_the_maximum():
     rows = np.full((64, 64), 2001, np.float32)
     rows[1::2] = 2000  # the maximum only on the rows that stride 2 samples
     assert np.isfinite(stack_bounds([rows], windows, stride=2)[0]).all()
+
+
+def test_a_box_too_large_in_pixels_is_refused_not_allocated(tmp_path):
+    """A 1 m box at the finest accepted spacing (0.05 mm) would be 20,000 px a side: a crop error, never gigabytes."""
+    from prep.series import MAX_BOX_PX
+
+    write_series(tmp_path / "s", [phantom(64, seed=k) for k in range(3)], [1, 2, 3], spacing=(0.05, 0.05))
+    huge = replace(SMALL, crop_scale=1.0, crop_base_mm=500.0)
+    records, written = _run(tmp_path / "s", [_sample(instance=2, x=30, y=30)], huge)
+    (r,) = records
+    assert not r["ok"] and r["stage"] == "crop" and not written
+    assert r["reason"] == f"crop box 20000x20000 px (1000 mm at 0.05x0.05 mm/px) is over {MAX_BOX_PX} px a side"
+    records, written = _run(tmp_path / "s", [_sample(instance=2, x=30, y=30)], replace(huge, crop_base_mm=100.0))
+    assert records[0]["ok"] and len(written) == 1  # 4,000 px: built
