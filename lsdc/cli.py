@@ -18,7 +18,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from lsdc.commands import bench, cache, demo, evaluate, predict, prep, prep_volumes, synth, train
+from lsdc.commands import bench, cache, demo, evaluate, locate, predict, prep, prep_volumes, synth, train
 
 
 class LsdcGroup(TyperGroup):
@@ -56,14 +56,15 @@ app = typer.Typer(
     name="lsdc",
     cls=LsdcGroup,
     help="RSNA 2024 lumbar spine pipeline: [b]synth[/b] -> [b]prep[/b] (DICOM -> Zarr crop cache) -> "
-    "[b]train[/b] -> [b]evaluate[/b] / [b]predict[/b].",
+    "[b]train[/b] -> [b]evaluate[/b] / [b]predict[/b]; [b]prep-volumes[/b] -> [b]train-locator[/b] -> [b]locate[/b] "
+    "finds the points of studies without coordinates.",
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
 
-for module in (synth, prep, prep_volumes, train, evaluate, predict, demo):
+for module in (synth, prep, prep_volumes, train, locate, evaluate, predict, demo):
     module.register(app)
 app.add_typer(cache.app, name="cache", help="Inspect and verify a crop cache.")
 app.add_typer(bench.app, name="bench", help="Benchmarks: cache build, loader and training throughput.")

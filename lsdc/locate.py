@@ -1,0 +1,84 @@
+"""Training and running the localisers: the wiring above prep (volumes from DICOM) and train (the models).
+
+    train_locator(volumes, out)                 one run per condition group in out/spinal, out/foraminal, ...
+    locate(locator, data_dir, split="test")     DICOM folder -> volumes -> coords.csv (+ its log), no coordinates in
+
+These are what `lsdc train-locator` and `lsdc locate` call, and what a notebook calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cache.io import atomic_write
+
+TARGET_ORDER = ("spinal", "foraminal", "subarticular")  # subarticular last: `locate` places it from the others
+
+
+def train_locator(volumes: str | Path, out: str | Path, config_file: str | Path | None = None,
+                  options: dict[str, Any] | None = None, overrides: Sequence[str] = (),
+                  targets: Sequence[str] = TARGET_ORDER, resume: bool = False) -> dict[str, dict]:
+    """Train a localiser per target on a volume cache into out/<target> (each a run of the one loop: config.json,
+    metrics.jsonl, checkpoints, oof.parquet, locate_metrics.json, report.md). resume=True continues the runs."""
+    from train.config import LocateConfig
+    from train.loop import fit
+
+    out = Path(out)
+    results = {}
+    for target in targets:
+        run = out / target
+        if resume and (run / "config.json").exists():
+            results[target] = fit(volumes, run, resume=True)
+            continue
+        cfg = LocateConfig.resolve(config_file, {**(options or {}), "target": target}, overrides)
+        results[target] = fit(volumes, run, cfg)
+    return results
+
+
+def side_files(out_csv: str | Path) -> tuple[Path, Path]:
+    """Where `locate` keeps what it made besides coords.csv: its log and the volumes of the split."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(f"{out_csv.stem}_log.csv"), out_csv.with_name(f"{out_csv.stem}_volumes")
+
+
+def locate(locator: str | Path, data_dir: str | Path, split: str = "test", out_csv: str | Path = "coords.csv",
+           volumes: str | Path | None = None, studies: int | None = None, workers: int = 2,
+           scheduler: str | None = None, device: str = "auto", progress: bool | None = None
+           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Find every condition-level of every study of a split from its DICOMs alone.
+
+    Builds (or reuses) the split's volume cache with the settings the localisers were trained on (`volumes`, default
+    beside the CSV: coords_volumes/), runs them, and writes `out_csv` (train_label_coordinates.csv's columns plus
+    confidence) and `<stem>_log.csv` (what is missing, and which series was chosen where there were several, with
+    the reason). Returns both tables."""
+    from cache.io import progress_enabled
+    from cache.volumes import open_volumes
+    from prep.config import VolumeConfig, Window
+    from prep.volumes import build_volumes
+    from train.locator import load_locator, locate_volumes, volume_settings
+
+    loc = load_locator(locator, device)
+    settings = volume_settings(loc)
+    log_csv, default_volumes = side_files(out_csv)
+    volumes = Path(volumes) if volumes is not None else default_volumes
+    window = settings.get("window")
+    config = VolumeConfig(split=split, studies=studies, grid=int(settings.get("grid", 256)),
+                          window=Window(**window) if isinstance(window, dict) else VolumeConfig().window,
+                          percentile_stride=int(settings.get("percentile_stride", 2)))
+    built = build_volumes(data_dir, volumes, config, workers=workers, scheduler=scheduler,
+                          progress=progress_enabled(progress))
+    reader = open_volumes(volumes)
+    split_studies = reader.manifest.get("prep", {}).get("split_studies") or sorted(set(reader.index["study_id"]))
+    coords, log = locate_volumes(loc, reader, split_studies, progress=progress_enabled(progress))
+    failed = reader.errors.dropna(subset=["series_id"])
+    log = pd.concat([log, pd.DataFrame({"study_id": failed["study_id"], "condition": None, "level": None,
+                                        "series_id": failed["series_id"], "what": "volume error",
+                                        "reason": failed["stage"] + ": " + failed["reason"]})], ignore_index=True)
+    atomic_write(Path(out_csv), lambda tmp: coords.to_csv(tmp, index=False))
+    atomic_write(log_csv, lambda tmp: log.to_csv(tmp, index=False))
+    coords.attrs["volumes_built"] = built.built
+    return coords, log

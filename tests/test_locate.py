@@ -1,0 +1,145 @@
+"""The localisers: they really learn (through the one loop), `lsdc locate` writes train_label_coordinates.csv's columns
+from DICOMs alone, a study without Sagittal T1 gets no foraminal rows and a logged reason, one with two series of a
+description says which it used, axial levels find their sub-stack, and left/right is never swapped silently."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cache.volumes import open_volumes
+from prep.config import VolumeConfig
+from prep.synth import synth
+from prep.volumes import build_volumes
+from train.config import LocateConfig
+from train.loop import fit
+
+TINY = dict(backbone="test_efficientnet", pretrained=False, device="cpu", workers=0, channels_last=False,
+            batch_size=4, folds=3, fold=0, lr_backbone=3e-3, lr_head=3e-3, warmup_epochs=0.5)
+
+
+@pytest.fixture(scope="module")
+def locator(tmp_path_factory):
+    """A tiny dataset, its volumes and three localisers trained for a few epochs (~40 s on 2 cores)."""
+    root = tmp_path_factory.mktemp("locate")
+    synth(root / "d", studies=12, seed=21, image_size=(64, 96), difficulty=0.1, workers=1, progress=False)
+    build_volumes(root / "d", root / "v", VolumeConfig(grid=64), workers=1, scheduler="synchronous", progress=False)
+    torch.set_num_threads(2)
+    for target, epochs in (("spinal", 15), ("foraminal", 2), ("subarticular", 2)):
+        fit(root / "v", root / "loc" / target, LocateConfig(target=target, epochs=epochs, **TINY))
+    return root
+
+
+def test_a_short_run_really_learns(locator):
+    records = [json.loads(ln) for ln in (locator / "loc" / "spinal" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert len(epochs) == 15  # 8 training volumes of 64 cells, 15 epochs: ~10 s
+    assert epochs[-1]["val_loss"] < 0.6 * epochs[0]["val_loss"]
+    assert epochs[-1]["train_loss"] < 0.6 * epochs[0]["train_loss"]
+    assert max(e["point_mm_median"] for e in epochs[-2:]) < 0.6 * epochs[0]["point_mm_median"]  # the points close in
+    assert min(e["level_identity"] for e in epochs[-2:]) > epochs[0]["level_identity"] + 0.2
+    metrics = json.loads((locator / "loc" / "spinal" / "locate_metrics.json").read_text())
+    assert metrics["spinal"]["n"] > 0 and 0 <= metrics["spinal"]["slice_within_1"] <= 1
+    assert "| spinal |" in (locator / "loc" / "spinal" / "report.md").read_text()
+    oof = pd.read_parquet(locator / "loc" / "spinal" / "oof.parquet")
+    assert list(oof.columns[:8]) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y",
+                                     "confidence"]
+
+
+def test_locate_from_dicoms_alone(locator, tmp_path):
+    from lsdc.locate import locate
+
+    data = tmp_path / "d"
+    shutil.copytree(locator / "d", data)
+    (data / "test_label_coordinates.csv").unlink()  # no coordinates anywhere: only the images
+    series = pd.read_csv(data / "test_series_descriptions.csv")
+    studies = sorted(series["study_id"].unique())
+    assert len(studies) >= 1
+    # the first test study loses its Sagittal T1; a copy of its Sagittal T2/STIR becomes a second such series
+    s0 = series[series["study_id"] == studies[0]]
+    t1 = s0[s0["series_description"] == "Sagittal T1"].iloc[0]
+    t2 = s0[s0["series_description"] == "Sagittal T2/STIR"].iloc[0]
+    shutil.rmtree(data / "test_images" / str(studies[0]) / str(t1.series_id))
+    series = series[series["series_id"] != t1.series_id]
+    copy = data / "test_images" / str(studies[0]) / "1"
+    shutil.copytree(data / "test_images" / str(studies[0]) / str(t2.series_id), copy)
+    for f in list(copy.glob("*.dcm"))[:3]:  # fewer slices: the original (more slices) is the one to use
+        f.unlink()
+    series = pd.concat([series, pd.DataFrame([{"study_id": studies[0], "series_id": 1,
+                                               "series_description": "Sagittal T2/STIR"}])])
+    series.to_csv(data / "test_series_descriptions.csv", index=False)
+
+    coords, log = locate(locator / "loc", data, "test", tmp_path / "coords.csv", workers=1, scheduler="synchronous",
+                         device="cpu", progress=False)
+    written = pd.read_csv(tmp_path / "coords.csv")
+    assert list(written.columns) == ["study_id", "series_id", "instance_number", "condition", "level", "x", "y",
+                                     "confidence"]
+    assert len(written) == len(coords) and written["confidence"].between(0, 1).all()
+    first = written[written["study_id"] == studies[0]]
+    assert not first["condition"].str.contains("Foraminal").any()
+    assert set(first.loc[first["condition"] == "Spinal Canal Stenosis", "series_id"]) == {t2.series_id}
+    missing = log[(log["study_id"] == studies[0]) & (log["what"] == "missing")]
+    assert len(missing) == 10 and (missing["reason"] == "no Sagittal T1 series").all()
+    chosen = log[(log["study_id"] == studies[0]) & (log["what"] == "chosen")]
+    assert len(chosen) == 1 and f"used {studies[0]}_{t2.series_id}_0" in chosen["reason"].iat[0]
+    for study in studies[1:]:  # complete studies: all 25 condition-levels, each on its own series' instances
+        rows = written[written["study_id"] == study]
+        assert len(rows) == 25 and not rows.duplicated(["condition", "level"]).any()
+    # every point is a real pixel of a real slice of the series it names
+    volumes = open_volumes(tmp_path / "coords_volumes")
+    for r in written.itertuples():
+        vol = volumes.index[volumes.index["series_id"] == r.series_id]
+        assert any(r.instance_number in list(n) for n in vol["instance_numbers"])
+        assert 0 <= r.x < vol["ref_cols"].max() + 1 and 0 <= r.y < vol["ref_rows"].max() + 1
+    # a rerun reuses the volumes
+    chunk = next((tmp_path / "coords_volumes" / "volumes").rglob("c.0.0.0"))
+    stamp = chunk.stat().st_mtime_ns
+    again, _ = locate(locator / "loc", data, "test", tmp_path / "coords.csv", workers=1, scheduler="synchronous",
+                      device="cpu", progress=False)
+    assert chunk.stat().st_mtime_ns == stamp and again.equals(coords)
+
+
+def test_each_level_finds_its_axial_sub_stack():
+    from train.locator import nearest_axial
+    from prep_fixtures import AXIAL
+
+    def row(key, series, z0, tilt, n=5):
+        o = np.array([1.0, 0, 0, 0, np.cos(tilt), np.sin(tilt)])
+        normal = np.cross(o[:3], o[3:])
+        pos = [np.array([-20.0, -20.0, z0]) + k * 4.0 * normal for k in range(n)]
+        return dict(key=key, study_id=1, series_id=series, series_description="Axial T2", stack=0, n_slices=n,
+                    grid=64, instance_numbers=list(range(1, n + 1)), positions=[float(v) for p in pos for v in p],
+                    orientations=list(o) * n, spacings=[0.6, 0.6] * n, ref_slice=n // 2, ref_rows=64, ref_cols=64,
+                    scale_x=1.0, offset_x=0.0, scale_y=1.0, offset_y=0.0)
+
+    assert AXIAL[:3] == (1.0, 0.0, 0.0)
+    index = pd.DataFrame([row("1_7_0", 7, 0.0, 0.0), row("1_7_1", 7, 60.0, np.deg2rad(15))])
+    vol, k, dist = nearest_axial(index, 1, np.array([0.0, -5.0, 8.5]))
+    assert (vol, k) == (0, 2) and dist == pytest.approx(0.5)
+    tilted = np.array([-20.0, -20.0, 60.0]) + 3 * 4.0 * np.cross([1, 0, 0], [0, np.cos(0.26), np.sin(0.26)])
+    vol, k, _ = nearest_axial(index, 1, tilted + np.array([0, 2.0, 0]))
+    assert (vol, k) == (1, 3)
+    assert nearest_axial(index, 1, np.array([0.0, 0.0, 200.0])) is None  # no axial slice reaches this level
+
+
+def test_left_and_right_are_never_swapped_silently(caplog):
+    from train.locator import _side_checked
+
+    row = dict(key="1_2_0", study_id=1, series_id=2, series_description="Axial T2", stack=0, n_slices=1, grid=32,
+               instance_numbers=[1], positions=[0.0, 0.0, 0.0], orientations=[1.0, 0, 0, 0, 1.0, 0], spacings=[1.0, 1.0],
+               ref_slice=0, ref_rows=32, ref_cols=32, scale_x=1.0, offset_x=0.0, scale_y=1.0, offset_y=0.0)
+    index = pd.DataFrame([row])
+    left = dict(study_id=1, series_id=2, instance_number=1, condition="Left Subarticular Stenosis", level="L4/L5",
+                x=5.0, y=10.0, confidence=0.9)  # x = 5 mm: to the patient's right of x = 25 mm
+    right = dict(left, condition="Right Subarticular Stenosis", x=25.0)
+    with caplog.at_level("WARNING"):
+        rows = _side_checked([dict(left), dict(right)], index, 0)
+    assert [r["condition"] for r in rows] == ["Right Subarticular Stenosis", "Left Subarticular Stenosis"]
+    assert "mirrored" in caplog.text
+    rows = _side_checked([dict(left, x=25.0), dict(right, x=5.0)], index, 0)
+    assert [r["condition"] for r in rows] == ["Left Subarticular Stenosis", "Right Subarticular Stenosis"]
