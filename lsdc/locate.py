@@ -3,7 +3,9 @@
     train_locator(volumes, out)                 one run per condition group in out/spinal, out/foraminal, ...
     locate(locator, data_dir, split="test")     DICOM folder -> volumes -> coords.csv (+ its log), no coordinates in
 
-These are what `lsdc train-locator` and `lsdc locate` call, and what a notebook calls.
+    predict_from_dicoms(graders, locator, data_dir)   locate -> crops at the found points -> grade -> submission
+
+These are what `lsdc train-locator`, `lsdc locate` and `lsdc predict --locator` call, and what a notebook calls.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from cache.errors import InputError
 from cache.io import atomic_write
 
 TARGET_ORDER = ("spinal", "foraminal", "subarticular")  # subarticular last: `locate` places it from the others
@@ -82,3 +85,46 @@ def locate(locator: str | Path, data_dir: str | Path, split: str = "test", out_c
     atomic_write(log_csv, lambda tmp: log.to_csv(tmp, index=False))
     coords.attrs["volumes_built"] = built.built
     return coords, log
+
+
+def work_dir(out_csv: str | Path) -> Path:
+    """Where coordinate-free prediction keeps its intermediates: beside the submission, <stem>_work/."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(f"{out_csv.stem}_work")
+
+
+def predict_from_dicoms(graders: Sequence[str | Path], locator: str | Path, data_dir: str | Path,
+                        out_csv: str | Path = "submission.csv", split: str = "test",
+                        sample_submission: str | Path | None = None, device: str = "auto", workers: int = 2,
+                        scheduler: str | None = None, tta: bool = False, progress: bool | None = None
+                        ) -> pd.DataFrame:
+    """A Kaggle submission from a DICOM folder alone: locate every condition-level, build the crops there with the
+    graders' own crop settings (checked), grade them. The intermediates stay in <stem>_work/ (coords.csv and its
+    log, the volumes, the crop cache), and a rerun reuses them. Condition-levels that could not be located get the
+    prior, listed with the localiser's reason in <stem>_missing.csv."""
+    import cache
+    from prep.build import build
+    from prep.config import PrepConfig, Window
+    from train.predict import checkpoint_config, predict, resolve_checkpoints
+
+    work = work_dir(out_csv)
+    coords_csv = work / "coords.csv"
+    _, log = locate(locator, data_dir, split, coords_csv, work / "volumes", workers=workers, scheduler=scheduler,
+                    device=device, progress=progress)
+    paths = resolve_checkpoints(graders)
+    crops = [checkpoint_config(p)["_crop_settings"] for p in paths]
+    if not crops[0] or any(c != crops[0] for c in crops):
+        raise InputError(f"the graders {[str(p) for p in paths]} record no crop settings, or different ones: give "
+                         "graders trained on one crop cache")
+    s = crops[0]
+    config = PrepConfig(split=split, coords=str(coords_csv.resolve()), slices=int(s["slices"]), size=int(s["size"]),
+                        crop_scale=1.0, crop_base_mm=float(s["half_size_mm"]),
+                        windows=tuple(Window(name, lo, hi) for name, (lo, hi) in zip(("soft", "wide", "full"),
+                                                                                     s["windows"])),
+                        clahe_clip=float(s["clahe_clip"]),
+                        clahe_tiles=int(s["clahe_tiles"]), percentile_stride=int(s["percentile_stride"]))
+    build(data_dir, work / "crops", config, workers=workers, scheduler=scheduler, progress=progress)
+    missing = log[log["what"] == "missing"]
+    located = {(int(r.study_id), r.condition, r.level): f"not located: {r.reason}" for r in missing.itertuples()}
+    return predict(graders, work / "crops", out_csv, sample_submission=sample_submission, tta=tta, device=device,
+                   located=located)

@@ -210,8 +210,9 @@ def model_predictions(checkpoints: list[Path], configs: list[dict[str, Any]], re
 
 
 def missing_reason(rows: pd.DataFrame, predicted: pd.DataFrame, errors: pd.DataFrame,
-                   trained: set[str]) -> pd.Series:
-    """Why a submission row has no model prediction ('' when it has one)."""
+                   trained: set[str], located: dict[tuple, str] | None = None) -> pd.Series:
+    """Why a submission row has no model prediction ('' when it has one). `located`: why the localiser found no
+    point, by (study, condition, level), for rows that have no crop."""
     keys = rows[KEY].astype({"study_id": np.int64})
     have = keys.merge(predicted[KEY].astype({"study_id": np.int64}).drop_duplicates(), on=KEY, how="left",
                       indicator=True)["_merge"].eq("both").to_numpy()
@@ -226,16 +227,18 @@ def missing_reason(rows: pd.DataFrame, predicted: pd.DataFrame, errors: pd.DataF
         elif condition not in trained:
             reasons.append("no model trained on this condition")
         else:
-            reasons.append(failed.get((study, condition, level), "no crop in the cache (no coordinate)"))
+            reasons.append(failed.get((study, condition, level), (located or {}).get(
+                (study, condition, level), "no crop in the cache (no coordinate)")))
     return pd.Series(reasons, index=rows.index)
 
 
 def assemble(rows: pd.DataFrame, predicted: pd.DataFrame, errors: pd.DataFrame, trained: set[str],
-             priors: dict[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
+             priors: dict[str, np.ndarray], located: dict[tuple, str] | None = None
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Submission rows (row_id + probabilities, in `rows`' order) and the log of rows filled with the prior."""
     predicted = predicted.astype({"study_id": np.int64})
     sub = rows.merge(predicted[KEY + PROBS], on=KEY, how="left", validate="one_to_one")
-    sub["reason"] = missing_reason(sub, predicted, errors, trained)
+    sub["reason"] = missing_reason(sub, predicted, errors, trained, located)
     miss = sub["reason"] != ""
     if miss.any():
         sub.loc[miss, PROBS] = np.stack([priors[c] for c in sub.loc[miss, "condition"]])
@@ -246,10 +249,12 @@ def assemble(rows: pd.DataFrame, predicted: pd.DataFrame, errors: pd.DataFrame, 
 
 def predict(checkpoints: list[str | os.PathLike], cache_path: str | os.PathLike, out_csv: str | os.PathLike,
             sample_submission: str | os.PathLike | None = None, tta: bool = False, device: str = "auto",
-            temperature: str | os.PathLike | dict[str, float] | None = None) -> pd.DataFrame:
+            temperature: str | os.PathLike | dict[str, float] | None = None,
+            located: dict[tuple, str] | None = None) -> pd.DataFrame:
     """Write a Kaggle submission (row_id, normal_mild, moderate, severe) and return it.
 
     `temperature`: a temperature.json from `lsdc evaluate --calibrate` (or {group: T}) applied to model outputs.
+    `located`: why the localiser found no point, by (study_id, condition, level) (coordinate-free prediction).
     Rows without a model prediction get the metric-optimal prior and are listed in `submission_missing.csv`
     (row_id, condition, reason, prior_source) next to `out_csv`.
     """
@@ -273,7 +278,7 @@ def predict(checkpoints: list[str | os.PathLike], cache_path: str | os.PathLike,
 
     priors, prior_source = condition_priors(paths, configs)
     trained = {c for cfg in configs for c in cfg["conditions"]}
-    submission, missing = assemble(rows, predicted, errors, trained, priors)
+    submission, missing = assemble(rows, predicted, errors, trained, priors, located)
     missing = missing.assign(prior_source=missing["condition"].map(prior_source))
 
     out_csv = Path(out_csv)
