@@ -109,7 +109,7 @@ def predict_from_dicoms(graders: Sequence[str | Path], locator: str | Path, data
 
     work = work_dir(out_csv)
     coords_csv = work / "coords.csv"
-    _, log = locate(locator, data_dir, split, coords_csv, work / "volumes", workers=workers, scheduler=scheduler,
+    _, log = locate(locator, data_dir, split, coords_csv, workers=workers, scheduler=scheduler,
                     device=device, progress=progress)
     paths = resolve_checkpoints(graders)
     crops = [checkpoint_config(p)["_crop_settings"] for p in paths]

@@ -16,6 +16,7 @@ report all use these, the one implementation.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -130,3 +131,41 @@ def metrics_markdown(m: dict[str, Any]) -> list[str]:
     if m.get("n_missing"):
         lines.append(f"\n{m['n_missing']} of {m['n_true']} true points have no prediction (not in these figures).")
     return lines
+
+
+# ------------------------------------------------------------------------------------------------ `lsdc evaluate`
+
+def is_locator(path: Path) -> bool:
+    """A localiser run (its locate_metrics.json) or a locator directory of such runs."""
+    return path.is_dir() and ((path / "locate_metrics.json").exists() or any(path.glob("*/locate_metrics.json")))
+
+
+def is_coordinates(path: Path) -> bool:
+    """A coordinates CSV (train_label_coordinates.csv's columns), not a submission."""
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    return {"instance_number", "x", "y", "condition", "level"} <= set(header)
+
+
+def run_metrics(path: Path) -> dict[str, dict[str, Any]]:
+    """The out-of-fold localisation figures a run (or each run of a locator directory) wrote, by run name."""
+    import json
+
+    files = [path / "locate_metrics.json"] if (path / "locate_metrics.json").exists() else sorted(
+        path.glob("*/locate_metrics.json"))
+    return {f.parent.name: json.loads(f.read_text()) for f in files}
+
+
+def score_coordinates(coords_csv: Path, truth_csv: Path, volumes: Path | None = None) -> dict[str, Any]:
+    """Located coordinates against true ones (e.g. synthetic test_label_coordinates.csv), placed through the volume
+    cache `lsdc locate` built beside them (<stem>_volumes/) or the one given."""
+    from cache.volumes import open_volumes
+
+    volumes = volumes or coords_csv.with_name(f"{coords_csv.stem}_volumes")
+    index = open_volumes(volumes).index
+    truth = pd.read_csv(truth_csv)
+    pred = pd.read_csv(coords_csv)
+    truth = truth[truth["study_id"].isin(set(index["study_id"]))]
+    return localisation_metrics(pred, truth, index)
