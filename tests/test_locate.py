@@ -143,3 +143,41 @@ def test_left_and_right_are_never_swapped_silently(caplog):
     assert "mirrored" in caplog.text
     rows = _side_checked([dict(left, x=25.0), dict(right, x=5.0)], index, 0)
     assert [r["condition"] for r in rows] == ["Left Subarticular Stenosis", "Right Subarticular Stenosis"]
+
+
+def test_predict_from_dicoms_alone_matches_the_sample_submission(locator, tmp_path):
+    from lsdc.locate import predict_from_dicoms, work_dir
+    from prep.build import build
+    from prep.config import PrepConfig
+    from train.config import TrainConfig
+    from train.predict import missing_log
+
+    build(locator / "d", tmp_path / "crops", PrepConfig(size=32, crop_scale=1.0, crop_base_mm=20.0), workers=1,
+          scheduler="synchronous", progress=False)
+    fit(tmp_path / "crops", tmp_path / "grader", TrainConfig(
+        conditions=("all",), backbone="test_efficientnet", pretrained=False, epochs=1, folds=3, fold=0, batch_size=16,
+        workers=0, swa_start=None, freeze_epochs=0, channels_last=False, device="cpu", in_memory=False))
+    data = tmp_path / "d"
+    shutil.copytree(locator / "d", data)
+    (data / "test_label_coordinates.csv").unlink()
+    series = pd.read_csv(data / "test_series_descriptions.csv")
+    study = int(series["study_id"].min())
+    t1 = series[(series["study_id"] == study) & (series["series_description"] == "Sagittal T1")].iloc[0]
+    shutil.rmtree(data / "test_images" / str(study) / str(t1.series_id))  # its folder gone, still in the table
+
+    out = tmp_path / "sub.csv"
+    sub = predict_from_dicoms([tmp_path / "grader"], locator / "loc", data, out, "test",
+                              data / "sample_submission.csv", "cpu", workers=1, scheduler="synchronous",
+                              progress=False)
+    sample = pd.read_csv(data / "sample_submission.csv")
+    assert pd.read_csv(out)["row_id"].tolist() == sample["row_id"].tolist() == sub["row_id"].tolist()
+    missing = pd.read_csv(missing_log(out))
+    foraminal = missing[missing["row_id"].str.startswith(f"{study}_") & missing["condition"].str.contains("Foraminal")]
+    assert len(foraminal) == 10 and foraminal["reason"].str.startswith("not located: no Sagittal T1").all()
+    assert {"coords.csv", "coords_log.csv", "coords_volumes", "crops"} <= {p.name for p in work_dir(out).iterdir()}
+    chunk = next((work_dir(out) / "crops" / "crops").glob("c.*"))
+    stamp = chunk.stat().st_mtime_ns
+    again = predict_from_dicoms([tmp_path / "grader"], locator / "loc", data, out, "test",
+                                data / "sample_submission.csv", "cpu", workers=1, scheduler="synchronous",
+                                progress=False)
+    assert chunk.stat().st_mtime_ns == stamp and again.equals(sub)  # the intermediates were reused
