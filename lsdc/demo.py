@@ -34,6 +34,12 @@ class DemoConfig:
     batch_size: int = 16
     workers: int = 2  # processes for synth and prep
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    # the localisers, and grading the test split from its DICOMs alone (its coordinates only score them)
+    volume_grid: int = 128  # cells per side of the series volumes the localisers read
+    locator_backbone: str = "mobilenetv3_small_050"  # timm model of the localisers, from scratch
+    locator_epochs: int = 15  # training epochs of each localiser
+    locator_lr: float = 3e-3  # from scratch, as the grader's
+    locator_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def _stage(name: str, log: list[dict], fn, *args, **kwargs):
@@ -47,11 +53,14 @@ def _stage(name: str, log: list[dict], fn, *args, **kwargs):
 
 def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     """Run every stage into ``out`` and return the headline figures (also written to out/demo_report.md)."""
+    from lsdc.locate import predict_from_dicoms, train_locator, work_dir
     from prep.build import build
-    from prep.config import PrepConfig
+    from prep.config import PrepConfig, VolumeConfig
     from prep.synth import synth
+    from prep.volumes import build_volumes
     from train.config import TrainConfig
     from train.evaluate import evaluate
+    from train.locate_metrics import score_coordinates
     from train.loop import fit
     from train.predict import predict
     from train.score import score_submission
@@ -59,6 +68,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     cfg = cfg or DemoConfig()
     out = Path(out).resolve()  # the test cache's config names its coordinates file: one spelling for every rerun
     data, train_cache, test_cache, run = out / "data", out / "cache_train", out / "cache_test", out / "run"
+    volumes, locator = out / "volumes_train", out / "locator"
     timings: list[dict] = []
     started = time.perf_counter()
     rerun = _claim(out, cfg)
@@ -76,9 +86,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     prep_cfg = PrepConfig(conditions=cfg.conditions, size=cfg.crop_size, **crop)
     built = _stage("prep (train split)", timings, build, data, train_cache, prep_cfg, workers=cfg.workers)
     print(built.summary())
-    test_cfg = PrepConfig(split="test", coords=str(data / "test_label_coordinates.csv"), conditions=cfg.conditions,
-                          size=cfg.crop_size, **crop)
-    _stage("prep (test split)", timings, build, data, test_cache, test_cfg, workers=cfg.workers)
+    _stage("prep-volumes (train split)", timings, build_volumes, data, volumes, VolumeConfig(grid=cfg.volume_grid),
+           workers=cfg.workers)
 
     train_cfg = TrainConfig(
         conditions=cfg.conditions, backbone=cfg.backbone, pretrained=False, epochs=cfg.epochs,
@@ -87,11 +96,25 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
         extra={"why": "demo: no pretrained weights offline, so the backbone learns from scratch at a higher lr"},
     ).with_overrides([f"{k}={v}" for k, v in cfg.train_overrides.items()])
     _stage("train", timings, fit, train_cache, run, train_cfg, resume=rerun and (run / "config.json").exists())
+    locate_opts = {"backbone": cfg.locator_backbone, "epochs": cfg.locator_epochs, "device": "cpu", "fold": 0}
+    locate_sets = [f"pretrained=false", f"lr_backbone={cfg.locator_lr}", f"lr_head={cfg.locator_lr}", "workers=0",
+                   *(f"{k}={v}" for k, v in cfg.locator_overrides.items())]
+    _stage("train localisers", timings, train_locator, volumes, locator, options=locate_opts, overrides=locate_sets,
+           resume=rerun)
     result = _stage("evaluate", timings, evaluate, [run])
-    sub = _stage("predict", timings, predict, [run], test_cache, out / "submission.csv",
-                 sample_submission=data / "sample_submission.csv", device="cpu")
-    # The official metric on held-out studies, from the submission file itself (untrained conditions get the prior).
+    # The test split graded from its DICOMs alone (test_label_coordinates.csv is never read), then, for the oracle
+    # gap only, from the true points.
+    sub = _stage("predict (located points)", timings, predict_from_dicoms, [run], locator, data,
+                 out / "submission.csv", "test", data / "sample_submission.csv", "cpu", workers=cfg.workers)
+    test_cfg = PrepConfig(split="test", coords=str(data / "test_label_coordinates.csv"), conditions=cfg.conditions,
+                          size=cfg.crop_size, **crop)
+    _stage("prep (test split, true points)", timings, build, data, test_cache, test_cfg, workers=cfg.workers)
+    _stage("predict (true points)", timings, predict, [run], test_cache, out / "submission_oracle.csv",
+           sample_submission=data / "sample_submission.csv", device="cpu")
+    # The official metric on held-out studies, from the submission files themselves (what Kaggle would score).
     test_score = score_submission(data / "test_labels.csv", out / "submission.csv", details=True)
+    oracle = score_submission(data / "test_labels.csv", out / "submission_oracle.csv", details=True)
+    located = score_coordinates(work_dir(out / "submission.csv") / "coords.csv", data / "test_label_coordinates.csv")
     total = round(time.perf_counter() - started, 1)
 
     best = _best_epoch(run / "metrics.jsonl")
@@ -104,6 +127,12 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
         "best_epoch": best,
         "test_score": test_score["score"],
         "test_parts": {k: test_score[k] for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal")},
+        "oracle_score": oracle["score"],
+        "oracle_parts": {k: oracle[k] for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal")},
+        "oracle_gap": test_score["score"] - oracle["score"],
+        "localisation": located,
+        "localisation_oof": {t: json.loads((locator / t / "locate_metrics.json").read_text())
+                             for t in ("spinal", "foraminal", "subarticular")},
         "submission_rows": len(sub),
         "seconds": total,
         "timings": timings,
@@ -144,28 +173,42 @@ def _best_epoch(metrics_path: Path) -> dict[str, Any]:
 
 
 def _write_report(out: Path, cfg: DemoConfig, f: dict[str, Any]) -> None:
+    from train.locate_metrics import metrics_markdown
+
     b = f["best_epoch"]
+    oof = {t: m.get(t, {}) for t, m in f["localisation_oof"].items()}
     lines = [
         "# lsdc demo", "",
         f"{cfg.studies} synthetic studies (seed {cfg.seed}), conditions: {', '.join(cfg.conditions)}; "
         f"crops {cfg.crop_size} px over {2 * cfg.crop_scale * cfg.crop_base_mm:g} mm; backbone {cfg.backbone} from "
-        f"scratch, {cfg.epochs} epochs "
-        "on the CPU, fold 0.", "",
+        f"scratch, {cfg.epochs} epochs on the CPU, fold 0. Localisers: {cfg.locator_backbone} from scratch, "
+        f"{cfg.locator_epochs} epochs each, on {cfg.volume_grid}-cell volumes.", "",
+        "## Grading", "",
         "| figure | value |", "|---|---|",
         f"| validation balanced accuracy (best epoch, {b['epoch']}) | {b['ba']:.3f} |",
         f"| validation recall Normal/Mild, Moderate, Severe | {', '.join(f'{r:.2f}' for r in b['recall'])} |",
         f"| validation predicted counts | {b['pred_counts']} (dead class: {'yes' if b['dead_classes'] else 'no'}) |",
         f"| dead-class events over the run | {b['dead_class_events']} |",
         f"| out-of-fold competition score (lower is better) | {f['oof_score']:.4f} |",
-        f"| synthetic test split score (its own studies; condition-levels the demo did not train get the prior) | "
-        f"{f['test_score']:.4f} |",
+        f"| **test split score, points located from the DICOMs alone** | **{f['test_score']:.4f}** |",
         f"| its parts | {', '.join(f'{k} {v:.4f}' for k, v in f['test_parts'].items())} |",
+        f"| test split score from the true points (the oracle) | {f['oracle_score']:.4f} |",
+        f"| its parts | {', '.join(f'{k} {v:.4f}' for k, v in f['oracle_parts'].items())} |",
+        f"| **oracle gap** (located − true; ≤ 0.02 wanted) | **{f['oracle_gap']:+.4f}** |",
         f"| submission rows | {f['submission_rows']} |",
         f"| total time | {f['seconds']} s |", "",
+        "## Localisation", "",
+        "The test split's located points against its true ones (`submission_work/coords.csv` vs "
+        "`test_label_coordinates.csv`):", "",
+        *metrics_markdown(f["localisation"]), "",
+        "Out-of-fold, on the validation studies of each localiser (fold 0):", "",
+        *metrics_markdown(oof), "",
+        "## Time", "",
         "| stage | seconds |", "|---|---|",
         *[f"| {t['stage']} | {'reused' if t.get('reused') else t['seconds']} |" for t in f["timings"]], "",
-        "Run directory: `run/` (config, metrics.jsonl, checkpoints, plots/, report.md). "
-        "Submission: `submission.csv`.",
+        "Runs: `run/` (the grader) and `locator/{spinal,foraminal,subarticular}/` (config, metrics.jsonl, "
+        "checkpoints, report.md). Submissions: `submission.csv` (located points; its intermediates in "
+        "`submission_work/`) and `submission_oracle.csv` (true points).",
     ]
     atomic_write_text(out / "demo_report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

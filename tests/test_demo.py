@@ -14,14 +14,18 @@ from lsdc.cli import app
 from lsdc.demo import DemoConfig, DemoSettingsDiffer, run_demo
 
 
+TINY_LOC = dict(volume_grid=32, locator_backbone="test_efficientnet", locator_epochs=1)  # seconds, not minutes
+
+
 def test_demo_runs_every_stage_and_reports_real_figures(tmp_path):
     # small but learnable: 16 clean studies (difficulty 0), 10 epochs of a tiny backbone, ~30 s on 2 cores
-    cfg = DemoConfig(studies=16, epochs=10, image_size=(64, 96), crop_size=32, backbone="test_efficientnet",
-                     workers=1, difficulty=0.0, lr=3e-3)
+    cfg = DemoConfig(**TINY_LOC, studies=16, epochs=10, image_size=(64, 96), crop_size=32,
+                     backbone="test_efficientnet", workers=1, difficulty=0.0, lr=3e-3)
     figures = run_demo(tmp_path, cfg)
 
     assert [t["stage"] for t in figures["timings"]] == [
-        "synth", "prep (train split)", "prep (test split)", "train", "evaluate", "predict"]
+        "synth", "prep (train split)", "prep-volumes (train split)", "train", "train localisers", "evaluate",
+        "predict (located points)", "prep (test split, true points)", "predict (true points)"]
     # it really learns: chance is 1/3 (a model that predicts only Normal/Mild scores exactly 1/3), the first epoch
     # is near it, and the last three epochs are all well above it (not one lucky epoch)
     bas = [r["ba"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "epoch"]
@@ -33,12 +37,18 @@ def test_demo_runs_every_stage_and_reports_real_figures(tmp_path):
     assert (sub[list(PROB_COLUMNS)].sum(axis=1) - 1).abs().max() < 1e-6
     report = (tmp_path / "demo_report.md").read_text()
     assert f"{figures['best_ba']:.3f}" in report and "nan" not in report
+    assert f"{figures['oracle_gap']:+.4f}" in report and figures["oracle_gap"] == pytest.approx(
+        figures["test_score"] - figures["oracle_score"])
+    assert "| spinal |" in report and figures["localisation"]["n_true"] > 0
+    assert not (tmp_path / "submission_work" / "coords.csv").read_text().count("test_label")  # located, not read
+    assert (tmp_path / "locator" / "spinal" / "fold0" / "best.pt").exists()
     assert json.loads((tmp_path / "demo_config.json").read_text())["studies"] == 16
     assert (tmp_path / "run" / "report.md").exists() and (tmp_path / "run" / "plots" / "confusion.png").exists()
 
 
 def test_demo_rerun_continues_and_other_settings_are_refused(tmp_path):
-    cfg = DemoConfig(studies=5, epochs=1, image_size=(48, 64), crop_size=32, backbone="test_efficientnet", workers=1)
+    cfg = DemoConfig(**TINY_LOC, studies=5, epochs=1, image_size=(48, 64), crop_size=32,
+                     backbone="test_efficientnet", workers=1)
     first = run_demo(tmp_path, cfg)
     dicom = next((tmp_path / "data" / "train_images").rglob("*.dcm"))
     checkpoint = tmp_path / "run" / "fold0" / "last.pt"
@@ -58,7 +68,8 @@ def test_demo_rerun_continues_and_other_settings_are_refused(tmp_path):
 
 
 def test_demo_rerun_with_another_spelling_of_out_and_after_an_early_failure(tmp_path, monkeypatch):
-    cfg = DemoConfig(studies=5, epochs=1, image_size=(48, 64), crop_size=32, backbone="test_efficientnet", workers=1)
+    cfg = DemoConfig(**TINY_LOC, studies=5, epochs=1, image_size=(48, 64), crop_size=32,
+                     backbone="test_efficientnet", workers=1)
     monkeypatch.chdir(tmp_path)
     run_demo("demo", cfg)
     again = run_demo(tmp_path / "demo", cfg)  # the same folder, spelled absolute: its caches still match
@@ -66,7 +77,7 @@ def test_demo_rerun_with_another_spelling_of_out_and_after_an_early_failure(tmp_
 
     # a demo that failed before writing anything does not pin its settings on the folder
     with pytest.raises(ValueError, match="studies"):
-        run_demo(tmp_path / "early", DemoConfig(studies=0))
+        run_demo(tmp_path / "early", DemoConfig(**TINY_LOC, studies=0))
     assert [p.name for p in (tmp_path / "early").iterdir()] == ["demo_config.json"]
     with pytest.raises(ValueError, match="image_size"):  # a new setting is taken, and fails on its own terms
-        run_demo(tmp_path / "early", DemoConfig(studies=1, image_size=(8, 8)))
+        run_demo(tmp_path / "early", DemoConfig(**TINY_LOC, studies=1, image_size=(8, 8)))
