@@ -181,3 +181,13 @@ def test_predict_from_dicoms_alone_matches_the_sample_submission(locator, tmp_pa
                                 data / "sample_submission.csv", "cpu", workers=1, scheduler="synchronous",
                                 progress=False)
     assert chunk.stat().st_mtime_ns == stamp and again.equals(sub)  # the intermediates were reused
+
+
+def test_docs_list_every_localiser_setting_as_the_dataclass_says():
+    from pathlib import Path
+
+    from train.config import settings_markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "locate.md").read_text()
+    assert f"<!-- settings:start -->\n{settings_markdown(LocateConfig)}<!-- settings:end -->" in docs, \
+        "docs/locate.md's settings table is stale: paste train.config.settings_markdown(LocateConfig) there"
