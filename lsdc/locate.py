@@ -10,7 +10,9 @@ These are what `lsdc train-locator`, `lsdc locate` and `lsdc predict --locator` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,17 @@ from cache.errors import InputError
 from cache.io import atomic_write
 
 TARGET_ORDER = ("spinal", "foraminal", "subarticular")  # subarticular last: `locate` places it from the others
+
+
+@contextmanager
+def timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
+    """Add the seconds a stage takes to `timings` (where the time goes: `lsdc bench predict`)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 def train_locator(volumes: str | Path, out: str | Path, config_file: str | Path | None = None,
@@ -50,8 +63,8 @@ def side_files(out_csv: str | Path) -> tuple[Path, Path]:
 
 def locate(locator: str | Path, data_dir: str | Path, split: str = "test", out_csv: str | Path = "coords.csv",
            volumes: str | Path | None = None, studies: int | None = None, workers: int = 2,
-           scheduler: str | None = None, device: str = "auto", progress: bool | None = None
-           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+           scheduler: str | None = None, device: str = "auto", progress: bool | None = None,
+           timings: dict[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Find every condition-level of every study of a split from its DICOMs alone.
 
     Builds (or reuses) the split's volume cache with the settings the localisers were trained on (`volumes`, default
@@ -64,7 +77,8 @@ def locate(locator: str | Path, data_dir: str | Path, split: str = "test", out_c
     from prep.volumes import build_volumes
     from train.locator import load_locator, locate_volumes, volume_settings
 
-    loc = load_locator(locator, device)
+    with timed(timings, "load localisers"):
+        loc = load_locator(locator, device)
     settings = volume_settings(loc)
     log_csv, default_volumes = side_files(out_csv)
     volumes = Path(volumes) if volumes is not None else default_volumes
@@ -72,11 +86,13 @@ def locate(locator: str | Path, data_dir: str | Path, split: str = "test", out_c
     config = VolumeConfig(split=split, studies=studies, grid=int(settings.get("grid", 256)),
                           window=Window(**window) if isinstance(window, dict) else VolumeConfig().window,
                           percentile_stride=int(settings.get("percentile_stride", 2)))
-    built = build_volumes(data_dir, volumes, config, workers=workers, scheduler=scheduler,
-                          progress=progress_enabled(progress))
+    with timed(timings, "volumes (DICOM decode, resample)"):
+        built = build_volumes(data_dir, volumes, config, workers=workers, scheduler=scheduler,
+                              progress=progress_enabled(progress))
     reader = open_volumes(volumes)
     split_studies = reader.manifest.get("prep", {}).get("split_studies") or sorted(set(reader.index["study_id"]))
-    coords, log = locate_volumes(loc, reader, split_studies, progress=progress_enabled(progress))
+    with timed(timings, "locate (localisers)"):
+        coords, log = locate_volumes(loc, reader, split_studies, progress=progress_enabled(progress))
     failed = reader.errors.dropna(subset=["series_id"])
     log = pd.concat([log, pd.DataFrame({"study_id": failed["study_id"], "condition": None, "level": None,
                                         "series_id": failed["series_id"], "what": "volume error",
@@ -96,8 +112,8 @@ def work_dir(out_csv: str | Path) -> Path:
 def predict_from_dicoms(graders: Sequence[str | Path], locator: str | Path, data_dir: str | Path,
                         out_csv: str | Path = "submission.csv", split: str = "test",
                         sample_submission: str | Path | None = None, device: str = "auto", workers: int = 2,
-                        scheduler: str | None = None, tta: bool = False, progress: bool | None = None
-                        ) -> pd.DataFrame:
+                        scheduler: str | None = None, tta: bool = False, progress: bool | None = None,
+                        timings: dict[str, float] | None = None) -> pd.DataFrame:
     """A Kaggle submission from a DICOM folder alone: locate every condition-level, build the crops there with the
     graders' own crop settings (checked), grade them. The intermediates stay in <stem>_work/ (coords.csv and its
     log, the volumes, the crop cache), and a rerun reuses them. Condition-levels that could not be located get the
@@ -110,7 +126,7 @@ def predict_from_dicoms(graders: Sequence[str | Path], locator: str | Path, data
     work = work_dir(out_csv)
     coords_csv = work / "coords.csv"
     _, log = locate(locator, data_dir, split, coords_csv, workers=workers, scheduler=scheduler,
-                    device=device, progress=progress)
+                    device=device, progress=progress, timings=timings)
     paths = resolve_checkpoints(graders)
     crops = [checkpoint_config(p)["_crop_settings"] for p in paths]
     if not crops[0] or any(c != crops[0] for c in crops):
@@ -123,8 +139,10 @@ def predict_from_dicoms(graders: Sequence[str | Path], locator: str | Path, data
                                                                                      s["windows"])),
                         clahe_clip=float(s["clahe_clip"]),
                         clahe_tiles=int(s["clahe_tiles"]), percentile_stride=int(s["percentile_stride"]))
-    build(data_dir, work / "crops", config, workers=workers, scheduler=scheduler, progress=progress)
+    with timed(timings, "crops at the located points (DICOM decode, crop)"):
+        build(data_dir, work / "crops", config, workers=workers, scheduler=scheduler, progress=progress)
     missing = log[log["what"] == "missing"]
     located = {(int(r.study_id), r.condition, r.level): f"not located: {r.reason}" for r in missing.itertuples()}
-    return predict(graders, work / "crops", out_csv, sample_submission=sample_submission, tta=tta, device=device,
-                   located=located)
+    with timed(timings, "grade (load graders, predict, write)"):
+        return predict(graders, work / "crops", out_csv, sample_submission=sample_submission, tta=tta,
+                       device=device, located=located)

@@ -14,6 +14,8 @@ from typing import Any
 from cache.errors import SettingError
 
 NAMES = {  # ratio key -> what it means, in words a reader of docs/benchmarks.md needs
+    "seconds_per_study": "coordinate-free predict, seconds per study (DICOM decode included)",
+    "volume_series_over_crop_samples_per_s": "volume build series/s / crop build samples/s (1 worker each)",
     "build_over_plain": "build (1 worker, incl. cluster start) / its unavoidable work in a plain loop",
     "build_over_plain_excl_start": "build (1 worker, excl. cluster start) / plain loop",
     "build_over_v8_epoch": "build (1 worker) / one v8-style epoch of the same samples",
@@ -166,12 +168,23 @@ def _rates_train(result: dict[str, Any]) -> list[str]:
     return text
 
 
+def _rates_predict(result: dict[str, Any]) -> list[str]:
+    rows = ["| stage | seconds per study |", "|---|---|"]
+    rows += [f"| {k} | {v:.3f} |" for k, v in result["seconds_per_study_by_stage"].items()]
+    return [f"{result['studies']} studies of the {result['split']} split from their DICOMs to a submission on "
+            f"{result['device']} ({result['workers']} worker, scheduler {result['scheduler']}): "
+            f"{result['seconds']:.1f} s in all.", "", *rows, "",
+            f"Volume build {result['volume_series_per_s']:.1f} series/s, crop build "
+            f"{result['crop_samples_per_s']:.1f} samples/s (one worker each, the same studies)."]
+
+
 def render(result: dict[str, Any]) -> str:
     """The Markdown section of one result."""
     when = result["machine"].get("time") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = {"prep": "Cache build", "load": "Loader", "train-cpu": "Training (CPU)",
-             "train-cuda": "Training (GPU)"}[section_key(result)]
-    rates = {"prep": _rates_prep, "load": _rates_load, "train": _rates_train}[result["bench"]](result)
+             "train-cuda": "Training (GPU)", "predict": "Coordinate-free prediction"}[section_key(result)]
+    rates = {"prep": _rates_prep, "load": _rates_load, "train": _rates_train,
+             "predict": _rates_predict}[result["bench"]](result)
     lines = [f"### {title}: measured {when}", "", f"Machine: {_machine(result)}.", "",
              f"Reproduce: `{result.get('command') or '(called from Python)'}`", "", *_target_rows(result), "",
              *_ratio_rows(result), "", *rates]

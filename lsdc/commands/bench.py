@@ -139,3 +139,27 @@ def train(
                          warmup=warmup, workers=workers, device=device, amp=amp, channels_last=channels_last,
                          compile=compile, conditions=chosen, command=_command_line(ctx))
     _finish(result, out, report, section)
+
+
+@app.command("predict")
+def predict(
+    ctx: typer.Context,
+    grader: Path = typer.Argument(..., exists=True, help="Grader run directory (or checkpoint)."),
+    locator: Path = typer.Argument(..., exists=True, file_okay=False, help="Locator directory."),
+    data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Competition layout."),
+    split: str = typer.Option("test", help="The split to grade from its DICOMs."),
+    workers: int = typer.Option(1, min=1, help="Build workers (with --scheduler, a local cluster of them)."),
+    scheduler: Optional[str] = typer.Option("synchronous", help="Builds' scheduler: 'synchronous' (in this "
+                                            "process: per-study cost, no cluster start), processes, or an address."),
+    device: str = typer.Option("cpu", help="'cpu', 'cuda' or 'auto'."),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    report: Optional[Path] = typer.Option(None, help=REPORT_HELP),
+    section: Optional[str] = typer.Option(None, help=SECTION_HELP),
+) -> None:
+    """Coordinate-free prediction: seconds per study by stage (volumes, localisers, crops, grading); volume build
+    series/s against crop build samples/s."""
+    from lsdc.bench.predict_bench import bench_predict
+
+    result = bench_predict([grader], locator, data_dir, split=split, workers=workers, scheduler=scheduler,
+                           device=device, command=_command_line(ctx))
+    _finish(result, out, report, section)
