@@ -218,8 +218,9 @@ def _pixel_bytes(ds: pydicom.Dataset, path: str | Path, read: bool) -> tuple[int
     declared = getattr(raw, "length", None)
     if getattr(raw, "value", None) is not None:
         return declared, len(raw.value)
-    if not read and ds.file_meta.get("TransferSyntaxUID") != DEFLATED and getattr(raw, "value_tell", None):
-        return declared, max(os.stat(path).st_size - raw.value_tell, 0)
+    if not read and ds.file_meta.get("TransferSyntaxUID") != DEFLATED and getattr(raw, "value_tell", None) \
+            and declared != ENCAPSULATED:  # elements may follow PixelData: a read returns at most what it declares
+        return declared, min(max(os.stat(path).st_size - raw.value_tell, 0), declared)
     if not read:
         return declared, None
     try:

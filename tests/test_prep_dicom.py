@@ -114,3 +114,33 @@ def test_native_fast_path_equals_pydicom(tmp_path, bits, stored, signed, syntax)
     np.testing.assert_array_equal(pixels_of(ds, tmp_path / "2.dcm"), ds.pixel_array.astype(np.float32))
     assert _native_pixels(pydicom.dcmread(_file("MR_small_bigendian.dcm"))) is None  # left to pydicom
     assert _native_pixels(pydicom.dcmread(_file("MR_small_RLE.dcm"))) is None
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "JPEG-LL.dcm",
+                                  "MR2_J2KR.dcm", "image_dfl.dcm"])
+def test_header_checks_pass_real_files_without_reading_their_pixels(name, monkeypatch):
+    """The index-time checks accept real files of every layout (a deflated file's offsets are not file offsets, so
+    its length is checked only when decoded) and never read the deferred pixel bytes."""
+    from prep.dicom import DEFER_BYTES, check_pixel_data, header_of
+
+    ds = pydicom.dcmread(_file(name), defer_size=DEFER_BYTES)
+    header_of(ds, _file(name), instance_number=int(ds.get("InstanceNumber") or 1))  # as its file name would say
+    monkeypatch.setattr(pydicom.filereader, "read_deferred_data_element",
+                        lambda *a, **k: pytest.fail("the pixel bytes were read"))
+    check_pixel_data(ds, _file(name), read=False)
+    monkeypatch.undo()
+    assert read_pixels(_file(name)).ndim == 2
+
+
+def test_a_cut_file_is_found_from_its_size_before_decoding(tmp_path):
+    """Truncation is seen from the file's size past PixelData's offset: no read, same reason as when decoding."""
+    from prep.dicom import DEFER_BYTES, check_pixel_data
+
+    good = write_slice(tmp_path / "good.dcm", phantom(64), instance=1)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(good.read_bytes()[:-1000])
+    ds = pydicom.dcmread(cut, defer_size=DEFER_BYTES)
+    with pytest.raises(DicomError, match=r"file truncated \(PixelData declares 8192 bytes, the file holds 7192\)"):
+        check_pixel_data(ds, cut, read=False)
+    with pytest.raises(DicomError, match=r"file truncated \(PixelData declares 8192 bytes, the file holds 7192\)"):
+        read_pixels(cut)
