@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.model import Backbone
+
 STRIDE = 4  # heatmap cells per input pixel: a heatmap cell is 4 x 4 input pixels
 
 
-class LocaliserNet(nn.Module):
+class LocaliserNet(Backbone, nn.Module):
     def __init__(self, backbone: str, points: int, decoder: int = 64, pretrained: bool = False,
                  weights: str | None = None):
         super().__init__()
@@ -63,25 +65,6 @@ class LocaliserNet(nn.Module):
         zz = depth.repeat(b).view(b * d, 1, 1, 1).expand(b * d, 1, h, w)
         out = self.head(self.fuse(torch.cat([y, yy.to(y.dtype), xx.to(y.dtype), zz.to(y.dtype)], 1)))
         return out.view(b, d, -1, h, w).transpose(1, 2)
-
-    # the loop's two learning rates and frozen epochs (train.tasks.Task)
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.encoder.parameters())
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        ids = {id(p) for p in self.encoder.parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
-
-    def freeze_backbone(self, frozen: bool) -> None:
-        self.backbone_frozen = frozen
-        self.encoder.requires_grad_(not frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> LocaliserNet:
-        super().train(mode)
-        if self.backbone_frozen:
-            self.encoder.eval()
-        return self
 
 
 def neighbours(volume: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,35 @@ class Head(nn.Module):
         return self.net(x)
 
 
-class LSDCModel(nn.Module):
+class Backbone:
+    """What the training loop asks of every model (train.tasks): the encoder's parameters and the rest, for two
+    learning rates, and freezing the encoder for the first epochs. A model mixes this in and names its timm
+    encoder `encoder`."""
+
+    encoder: nn.Module
+    backbone_frozen: bool = False
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """Frozen = weights and BatchNorm statistics both fixed (the encoder stays in eval mode)."""
+        self.backbone_frozen = frozen
+        self.encoder.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.encoder.eval()
+        return self
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.backbone_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+
+class LSDCModel(Backbone, nn.Module):
     def __init__(self, backbone: nn.Module, cfg: TrainConfig):
         super().__init__()
         self.config = cfg  # plain attribute (not in the state dict): inference needs conditions and image size
@@ -181,25 +209,6 @@ class LSDCModel(nn.Module):
         if self.condition_emb is not None:
             parts.append(self.condition_emb(condition))
         return self.head(torch.cat(parts, dim=1))
-
-    def freeze_backbone(self, frozen: bool) -> None:
-        """Frozen = weights and BatchNorm statistics both fixed (the encoder stays in eval mode)."""
-        self.backbone_frozen = frozen
-        self.encoder.requires_grad_(not frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> LSDCModel:
-        super().train(mode)
-        if self.backbone_frozen:
-            self.encoder.eval()
-        return self
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.encoder.parameters())
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        ids = {id(p) for p in self.backbone_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
 
 
 def build_model(cfg: TrainConfig, class_prior: torch.Tensor | None = None, pretrained: bool | None = None) -> LSDCModel:

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from cache.settings import defaults, field_help
+from cache.settings import defaults
+from lsdc.commands.options import config_option
 from prep.config import PrepConfig
 from train.config import TrainConfig
 
@@ -57,8 +58,8 @@ def prep(
     data_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Competition layout (e.g. lsdc synth)."),
     studies: Optional[int] = typer.Option(None, help="Only the first N studies."),
     conditions: Optional[str] = typer.Option(None, help="Conditions, slugs or groups (default all)."),
-    slices: int = typer.Option(_PREP["slices"], help=field_help(PrepConfig, "slices", default=False)),
-    size: int = typer.Option(_PREP["size"], help=field_help(PrepConfig, "size", default=False)),
+    slices: int = config_option(PrepConfig, "slices"),
+    size: int = config_option(PrepConfig, "size"),
     workers: int = typer.Option(2, min=1, help="Workers of the parallel build (compared with 1)."),
     repeat: int = typer.Option(1, min=1, help="Repeat the timed runs; the result gives each ratio's spread."),
     v8_samples: Optional[int] = typer.Option(None, help="Time the v8-style epoch on N samples and extrapolate."),
@@ -87,7 +88,7 @@ def load(
     ctx: typer.Context,
     cache_path: Path = typer.Argument(..., exists=True, file_okay=False, help="A finalised cache."),
     workers: str = typer.Option("0,1,2", help="DataLoader worker counts to measure."),
-    batch_size: int = typer.Option(_TRAIN["batch_size"], min=1, help=field_help(TrainConfig, "batch_size", False)),
+    batch_size: int = config_option(TrainConfig, "batch_size", min=1),
     samples: Optional[int] = typer.Option(None, help="Read only N samples (default all)."),
     v8_samples: int = typer.Option(48, min=0, help="Samples for the v8-style loader (0 = skip it)."),
     v8_workers: Optional[str] = typer.Option(None, help="Worker counts for the v8-style loader (default --workers)."),
@@ -115,14 +116,13 @@ def train(
     backbone: str = typer.Option(_TRAIN["backbone"], help="timm backbone (random weights: speed only)."),
     image_size: int = typer.Option(_PREP["size"], min=16, help="Input size (resized on the device when not the "
                                    "cache's)."),
-    batch_size: int = typer.Option(_TRAIN["batch_size"], min=1, help=field_help(TrainConfig, "batch_size", False)),
+    batch_size: int = config_option(TrainConfig, "batch_size", min=1),
     steps: int = typer.Option(20, min=1, help="Timed training steps."),
     warmup: int = typer.Option(3, min=0, help="Untimed steps first (cuDNN autotuning, allocator, compile)."),
-    workers: int = typer.Option(_TRAIN["workers"], min=0, help=field_help(TrainConfig, "workers", False)),
-    device: str = typer.Option(_TRAIN["device"], help=field_help(TrainConfig, "device", False)),
-    amp: str = typer.Option(_TRAIN["amp"], help=field_help(TrainConfig, "amp", False)),
-    channels_last: bool = typer.Option(_TRAIN["channels_last"], "--channels-last/--no-channels-last",
-                                       help=field_help(TrainConfig, "channels_last", False)),
+    workers: int = config_option(TrainConfig, "workers", min=0),
+    device: str = config_option(TrainConfig, "device"),
+    amp: str = config_option(TrainConfig, "amp"),
+    channels_last: bool = config_option(TrainConfig, "channels_last", "--channels-last/--no-channels-last"),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model."),
     conditions: Optional[str] = typer.Option(None, help="Conditions to train (default: all in the cache)."),
     out: Optional[Path] = typer.Option(None, help=OUT_HELP),

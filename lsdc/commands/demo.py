@@ -7,13 +7,12 @@ from typing import Optional
 
 import typer
 
-from cache.settings import field_help
+from lsdc.commands.options import config_option
 from lsdc.demo import DemoConfig
 
 
 def _opt(name: str):
-    """An option for DemoConfig.<name>, None unless given; help and default from the dataclass."""
-    return typer.Option(None, f"--{name}", help=field_help(DemoConfig, name))
+    return config_option(DemoConfig, name, f"--{name}", given_only=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from cache.settings import field_help
+from lsdc.commands.options import config_option, refuse_changes_on_resume
 from train.config import LOCATE_TARGETS, LocateConfig
 
 
 def _opt(name: str, *flags: str):
-    return typer.Option(None, *flags, help=field_help(LocateConfig, name))
+    return config_option(LocateConfig, name, *flags, given_only=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -48,8 +48,8 @@ def register(app: typer.Typer) -> None:
             raise SettingError(f"unknown targets {bad}; choose from {LOCATE_TARGETS}")
         named = {"epochs": epochs, "backbone": backbone, "image_size": image_size, "device": device, "fold": fold,
                  "weights": str(weights) if weights is not None else None}
-        if resume and (config is not None or set_ or any(v is not None for v in named.values())):
-            raise SettingError("--resume continues each run with its own config.json: give only VOLUMES and OUT")
+        if resume:
+            refuse_changes_on_resume(named, **{"--config": config is not None, "--set": bool(set_)})
         train_locator(volumes, out, config, named, set_, [t for t in TARGET_ORDER if t in chosen], resume)
 
     @app.command("locate")

@@ -9,14 +9,14 @@ from typing import Optional
 import typer
 
 from cache.settings import defaults, field_help
+from lsdc.commands.options import BUILD, config_option
 from prep.config import PrepConfig
 
 _DEFAULT = defaults(PrepConfig)
 
 
 def _opt(name: str, **kwargs):
-    """An option for PrepConfig.<name>: its default and its comment as the help."""
-    return typer.Option(_DEFAULT[name], help=field_help(PrepConfig, name, default=False), **kwargs)
+    return config_option(PrepConfig, name, **kwargs)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,12 +41,11 @@ def register(app: typer.Typer) -> None:
         clahe_tiles: int = _opt("clahe_tiles"),
         percentile_stride: int = _opt("percentile_stride"),
         codec: str = _opt("codec"),
-        workers: int = typer.Option(2, help="Local worker processes (one thread each)."),
-        scheduler: Optional[str] = typer.Option(
-            None, help="dask.distributed scheduler address (tcp://host:8786), or processes/threads/synchronous."),
-        resume: bool = typer.Option(True, "--resume/--clean", help="Continue an interrupted build, or start over."),
-        strict: bool = typer.Option(False, help="Exit non-zero when any sample or file failed."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (LSDC_NO_PROGRESS=1 off)."),
+        workers: int = BUILD["workers"],
+        scheduler: Optional[str] = BUILD["scheduler"],
+        resume: bool = BUILD["resume"],
+        strict: bool = BUILD["strict"],
+        progress: bool = BUILD["progress"],
     ) -> None:
         """DICOM -> 7-slice, 3-window, CLAHE'd, mm-sized crops -> a Zarr cache (Dask, resumable)."""
         from cache.io import progress_enabled

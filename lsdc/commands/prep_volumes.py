@@ -9,13 +9,14 @@ from typing import Optional
 import typer
 
 from cache.settings import defaults, field_help
+from lsdc.commands.options import BUILD, config_option
 from prep.config import VolumeConfig
 
 _DEFAULT = defaults(VolumeConfig)
 
 
 def _opt(name: str, **kwargs):
-    return typer.Option(_DEFAULT[name], help=field_help(VolumeConfig, name, default=False), **kwargs)
+    return config_option(VolumeConfig, name, **kwargs)
 
 
 def register(app: typer.Typer) -> None:
@@ -35,12 +36,11 @@ def register(app: typer.Typer) -> None:
                                    help=field_help(VolumeConfig, "window", default=False) + " (NAME:LO:HI)"),
         percentile_stride: int = _opt("percentile_stride"),
         codec: str = _opt("codec"),
-        workers: int = typer.Option(2, help="Local worker processes (one thread each)."),
-        scheduler: Optional[str] = typer.Option(
-            None, help="dask.distributed scheduler address (tcp://host:8786), or processes/threads/synchronous."),
-        resume: bool = typer.Option(True, "--resume/--clean", help="Continue an interrupted build, or start over."),
-        strict: bool = typer.Option(False, help="Exit non-zero when any series or file failed."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (LSDC_NO_PROGRESS=1 off)."),
+        workers: int = BUILD["workers"],
+        scheduler: Optional[str] = BUILD["scheduler"],
+        resume: bool = BUILD["resume"],
+        strict: bool = BUILD["strict"],
+        progress: bool = BUILD["progress"],
     ) -> None:
         """DICOM series -> one volume per sub-stack, slices in spatial order on one G x G grid -> a Zarr volume
         cache with its geometry and the coordinates as targets (the localiser's input; docs/locate.md)."""

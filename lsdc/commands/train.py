@@ -11,13 +11,12 @@ from typing import Optional
 
 import typer
 
-from cache.settings import field_help
+from lsdc.commands.options import config_option, refuse_changes_on_resume
 from train.config import TrainConfig
 
 
 def _opt(name: str, *flags: str):
-    """An option for TrainConfig.<name> that is None unless given (so a --config file's value is not overridden)."""
-    return typer.Option(None, *flags, help=field_help(TrainConfig, name))
+    return config_option(TrainConfig, name, *flags, given_only=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -49,11 +48,8 @@ def register(app: typer.Typer) -> None:
         named = {"epochs": epochs, "backbone": backbone, "aggregator": aggregator, "batch_size": batch_size,
                  "device": device, "weights": str(weights) if weights is not None else None, "fold": fold}
         if resume is not None:
-            given = [f"--{k.replace('_', '-')}" for k, v in named.items() if v is not None]
-            given += ["OUT"] * (out is not None) + ["--config"] * (config is not None) + ["--set"] * bool(set_)
-            if given:
-                raise SettingError("--resume continues a run exactly with its own config.json, so "
-                                   f"{', '.join(given)} cannot change it: give only CACHE (optional) with --resume")
+            refuse_changes_on_resume(named, OUT=out is not None, **{"--config": config is not None,
+                                                                   "--set": bool(set_)})
             fit(cache, resume, resume=True)
             return
         if cache is None or out is None:
