@@ -37,5 +37,7 @@ endif
 demo: setup
 	$(BIN)/lsdc demo --out demo_out
 
+# The linter first (pyproject.toml [tool.ruff]: its rules, clean), then the suite.
 test: setup
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -18,7 +18,7 @@ import json
 import os
 import platform
 import re
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from importlib import metadata
 from typing import Any
 
@@ -334,7 +334,7 @@ def build_manifest(config: dict[str, Any], array: dict[str, Any], index: pd.Data
     manifest = {
         "format_version": FORMAT_VERSION,
         "finalised": True,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config,
         "config_hash": config_hash(config),
         "versions": package_versions(),

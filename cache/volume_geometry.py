@@ -105,7 +105,8 @@ class GridMap:
         return self.scale_x * np.asarray(x, float) + self.offset_x, self.scale_y * np.asarray(y, float) + self.offset_y
 
     def to_pixel(self, u, v) -> tuple[np.ndarray, np.ndarray]:
-        return (np.asarray(u, float) - self.offset_x) / self.scale_x, (np.asarray(v, float) - self.offset_y) / self.scale_y
+        u, v = np.asarray(u, float), np.asarray(v, float)
+        return (u - self.offset_x) / self.scale_x, (v - self.offset_y) / self.scale_y
 
 
 @dataclass(frozen=True)

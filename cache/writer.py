@@ -13,7 +13,7 @@ import os
 import shutil
 import socket
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -324,7 +324,7 @@ def build_lock(path: str | os.PathLike) -> Iterator[Path]:
     root = local_path(path)
     _not_a_file(root)
     lock = root / fmt.LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(timezone.utc).isoformat()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": datetime.now(UTC).isoformat()}
     with writing(f"cannot write to {root}", "choose a writable output path"):
         root.mkdir(parents=True, exist_ok=True)
     for attempt in range(2):

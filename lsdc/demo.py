@@ -97,7 +97,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     ).with_overrides([f"{k}={v}" for k, v in cfg.train_overrides.items()])
     _stage("train", timings, fit, train_cache, run, train_cfg, resume=rerun and (run / "config.json").exists())
     locate_opts = {"backbone": cfg.locator_backbone, "epochs": cfg.locator_epochs, "device": "cpu", "fold": 0}
-    locate_sets = [f"pretrained=false", f"lr_backbone={cfg.locator_lr}", f"lr_head={cfg.locator_lr}", "workers=0",
+    locate_sets = ["pretrained=false", f"lr_backbone={cfg.locator_lr}", f"lr_head={cfg.locator_lr}", "workers=0",
                    *(f"{k}={v}" for k, v in cfg.locator_overrides.items())]
     _stage("train localisers", timings, train_locator, volumes, locator, options=locate_opts, overrides=locate_sets,
            resume=rerun)

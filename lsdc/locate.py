@@ -118,7 +118,6 @@ def predict_from_dicoms(graders: Sequence[str | Path], locator: str | Path, data
     graders' own crop settings (checked), grade them. The intermediates stay in <stem>_work/ (coords.csv and its
     log, the volumes, the crop cache), and a rerun reuses them. Condition-levels that could not be located get the
     prior, listed with the localiser's reason in <stem>_missing.csv."""
-    import cache
     from prep.build import build
     from prep.config import PrepConfig, Window
     from train.predict import checkpoint_config, predict, resolve_checkpoints

@@ -35,7 +35,7 @@ class Window:
                                f"{self.hi!r}")
 
     @classmethod
-    def parse(cls, text: str) -> "Window":
+    def parse(cls, text: str) -> Window:
         """'soft:40:99.5' -> Window('soft', 40.0, 99.5)."""
         try:
             name, lo, hi = text.split(":")
@@ -150,7 +150,7 @@ class PrepConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PrepConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PrepConfig:
         known = {f.name for f in fields(cls)}
         extra = set(d) - known
         if extra:
@@ -200,7 +200,7 @@ class VolumeConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VolumeConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VolumeConfig:
         d = dict(d)
         if extra := set(d) - {f.name for f in fields(cls)}:
             raise SettingError(f"unknown VolumeConfig keys {sorted(extra)}")

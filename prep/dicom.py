@@ -1,7 +1,9 @@
 """DICOM files -> slice headers (cheap, no pixels) and float32 intensities (rescaled, MONOCHROME1 inverted).
 
 Every failure is a DicomError naming the file and the reason: the v8 notebook turned any exception into a silent
-black image, which trained the model on nothing.
+black image, which trained the model on nothing. Every value the pixels depend on (geometry, rescale, pixel format
+and size) is checked from the header, before anything is decoded: a bad value is an error, never a guess, and an
+unused bad file is found without reading its pixels (docs/reliability.md).
 """
 
 from __future__ import annotations

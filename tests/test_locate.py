@@ -131,7 +131,8 @@ def test_left_and_right_are_never_swapped_silently(caplog):
     from train.locator import _side_checked
 
     row = dict(key="1_2_0", study_id=1, series_id=2, series_description="Axial T2", stack=0, n_slices=1, grid=32,
-               instance_numbers=[1], positions=[0.0, 0.0, 0.0], orientations=[1.0, 0, 0, 0, 1.0, 0], spacings=[1.0, 1.0],
+               instance_numbers=[1], positions=[0.0, 0.0, 0.0], orientations=[1.0, 0, 0, 0, 1.0, 0],
+               spacings=[1.0, 1.0],
                ref_slice=0, ref_rows=32, ref_cols=32, scale_x=1.0, offset_x=0.0, scale_y=1.0, offset_y=0.0)
     index = pd.DataFrame([row])
     left = dict(study_id=1, series_id=2, instance_number=1, condition="Left Subarticular Stenosis", level="L4/L5",

@@ -8,8 +8,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd

@@ -135,7 +135,7 @@ def fit_temperature(df: pd.DataFrame) -> dict[str, float]:
         if g.empty:
             continue
 
-        def loss(log_t: float, g: pd.DataFrame = g) -> float:
+        def loss(log_t: float, g: pd.DataFrame = g, group: str = group) -> float:
             return group_log_loss(apply_temperature(g, {group: math.exp(log_t)}))
 
         res = minimize_scalar(loss, bounds=tuple(math.log(b) for b in T_BOUNDS), method="bounded",

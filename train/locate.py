@@ -281,7 +281,8 @@ class LocaliserTask(Task):
     def summary_line(self, r: dict[str, Any]) -> str:
         return (f"{self.cfg.target} fold {r['fold']} epoch {r['epoch']:>2}/{self.cfg.epochs} | train "
                 f"{r['train_loss']:.4f} | val {r['val_loss']:.4f} | slice exact {r.get('slice_exact', math.nan):.3f}"
-                f" ±1 {r.get('slice_within_1', math.nan):.3f} | point mm median {r.get('point_mm_median', math.nan):.2f}"
+                f" ±1 {r.get('slice_within_1', math.nan):.3f} | point mm median "
+                f"{r.get('point_mm_median', math.nan):.2f}"
                 f" p95 {r.get('point_mm_p95', math.nan):.2f} | level {r.get('level_identity', math.nan):.3f} | "
                 f"{r['samples_per_s']:.1f} items/s{' | best' if r['best'] else ''}")
 

@@ -7,7 +7,7 @@ load, train-cpu, train-cuda); rerunning a bench with `--report` replaces its sec
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def _rates_predict(result: dict[str, Any]) -> list[str]:
 
 def render(result: dict[str, Any]) -> str:
     """The Markdown section of one result."""
-    when = result["machine"].get("time") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = result["machine"].get("time") or datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     title = {"prep": "Cache build", "load": "Loader", "train-cpu": "Training (CPU)",
              "train-cuda": "Training (GPU)", "predict": "Coordinate-free prediction"}[section_key(result)]
     rates = {"prep": _rates_prep, "load": _rates_load, "train": _rates_train,

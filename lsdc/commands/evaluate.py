@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
         truth: Annotated[Optional[Path], typer.Option(help="True coordinates (e.g. synthetic "
                                                       "test_label_coordinates.csv) to score a coords.csv from "
                                                       "`lsdc locate` against.")] = None,
-        volumes: Annotated[Optional[Path], typer.Option(help="The volume cache of a coords.csv's series (default: "
-                                                        "<stem>_volumes/ beside it, where lsdc locate put it).")] = None,
+        volumes: Annotated[Optional[Path], typer.Option(
+            help="The volume cache of a coords.csv's series (default: <stem>_volumes/ beside it, where lsdc locate "
+                 "put it).")] = None,
     ) -> None:
         """The official competition score of out-of-fold predictions or of a submission, plus balanced accuracy,
         recall and confusion; or the localisation figures of a localiser run, a locator directory, or a coords.csv
