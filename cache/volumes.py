@@ -33,7 +33,7 @@ from cache.format import CacheConfigMismatch, CacheFormatError, MissingChunkErro
 from cache.io import atomic_write, atomic_write_json
 from cache.reader import _get_bytes, _read_parquet, _store_of
 from cache.volume_geometry import GridMap, VolumeGeometry
-from cache.writer import CacheWriter
+from cache.writer import CacheWriter, writing
 
 KIND = "volumes"
 GROUP = "volumes"
@@ -126,11 +126,12 @@ class VolumeWriter(CacheWriter):
                 or volume.shape[1:] != (grid, grid) or volume.shape[0] < 1:
             got = f"{volume.dtype} {volume.shape}" if isinstance(volume, np.ndarray) else type(volume).__name__
             raise ValueError(f"volume cache {self.root}: {key} needs a uint8 (D, {grid}, {grid}) array, got {got}")
-        array = zarr.create_array(str(self.root), name=f"{GROUP}/{key}", shape=volume.shape, chunks=volume.shape,
-                                  dtype="uint8", fill_value=0, compressors=fmt.CODECS[self.build_info["codec"]],
-                                  chunk_key_encoding=fmt.CHUNK_KEY_ENCODING, dimension_names=("slice", "y", "x"),
-                                  overwrite=True, config={"write_empty_chunks": True})
-        array[...] = volume
+        with writing(f"cannot write the volume cache at {self.root}"):  # a full disk stops the build, resumable
+            array = zarr.create_array(str(self.root), name=f"{GROUP}/{key}", shape=volume.shape, chunks=volume.shape,
+                                      dtype="uint8", fill_value=0, compressors=fmt.CODECS[self.build_info["codec"]],
+                                      chunk_key_encoding=fmt.CHUNK_KEY_ENCODING, dimension_names=("slice", "y", "x"),
+                                      overwrite=True, config={"write_empty_chunks": True})
+            array[...] = volume
         return fmt.checksum(volume)
 
     def lost_keys(self, keys: list[str]) -> set[str]:
@@ -175,12 +176,14 @@ class VolumeWriter(CacheWriter):
         tables = [(fmt.INDEX_FILE, index, VOLUME_SCHEMA), (fmt.ERRORS_FILE, errors, fmt.ERRORS_SCHEMA)]
         if targets is not None:
             tables.append((TARGETS_FILE, targets.reindex(columns=list(TARGET_COLUMNS)), TARGET_SCHEMA))
-        for name, df, schema in tables:
-            table = fmt.to_table(df, schema)
-            atomic_write(self.root / name, lambda tmp, t=table: pq.write_table(t, tmp))
-        zarr.open_group(str(self.root), mode="r+").attrs.update({"build": {**build, "finalised": True},
-                                                                 "manifest": manifest})
-        atomic_write_json(self.root / fmt.MANIFEST_FILE, manifest)
+        with writing(f"cannot finalise the volume cache at {self.root}", "free space (or make the folder writable), "
+                     "then rerun the same command: it finalises"):
+            for name, df, schema in tables:
+                table = fmt.to_table(df, schema)
+                atomic_write(self.root / name, lambda tmp, t=table: pq.write_table(t, tmp))
+            zarr.open_group(str(self.root), mode="r+").attrs.update({"build": {**build, "finalised": True},
+                                                                     "manifest": manifest})
+            atomic_write_json(self.root / fmt.MANIFEST_FILE, manifest, allow_nan=False)
         return manifest
 
 

@@ -28,9 +28,9 @@ from cache.volume_geometry import GridMap, canonical_sign, plane_affine, slice_n
 from cache.rsna import CONDITIONS, LEVELS
 from cache.volumes import TARGET_COLUMNS, VOLUME_COLUMNS, VolumeWriter, targets_on_volumes, volume_key
 from cache.writer import build_lock
-from prep.build import BuildResult, run_tasks
+from prep.build import BuildResult, check_scheduler, run_tasks
 from prep.config import VolumeConfig
-from prep.dicom import SliceHeader
+from prep.dicom import DicomError, SliceHeader
 from prep.geometry import GRID_TOLERANCE_PX, sub_stacks
 from prep.samples import (COORD_COLUMNS, TableError, _bad_ids, _number, error, errors_frame, read_table,
                           series_table)
@@ -110,7 +110,10 @@ def process_series_volumes(series_dir: str | Path, series: dict[str, Any], confi
     if not series_dir.is_dir():
         return [dict(ok=False, **error(str(series_dir), None, "missing series folder", stage="read", **ids))]
     datasets: dict[str, Any] = {}
-    headers, header_failed = index_series(series_dir, datasets)
+    try:
+        headers, header_failed = index_series(series_dir, datasets)
+    except DicomError as e:  # the folder itself cannot be listed
+        return [dict(ok=False, **error(e.path, None, e.reason, stage="read", **ids))]
     reader = SeriesReader(headers, datasets)
     records: list[Record] = []
     if not headers:
@@ -229,6 +232,7 @@ def build_volumes(data_dir: str | os.PathLike, out: str | os.PathLike, config: V
     data_dir, out = Path(data_dir), Path(out)
     if not data_dir.is_dir():
         raise TableError(data_dir, "no such folder (give the competition's data folder)")
+    check_scheduler(workers, scheduler)
     tasks, table_errors = plan_volume_tasks(data_dir, config)
     coords_path = Path(config.coords) if config.coords else (
         data_dir / "train_label_coordinates.csv" if config.split == "train" else None)

@@ -208,3 +208,31 @@ def test_targets_are_the_coordinates_on_the_volumes_and_bad_rows_are_named(tmp_p
     build_volumes(tmp_path / "d", tmp_path / "vt", VolumeConfig(grid=32, split="test"), workers=1,
                   scheduler="synchronous", progress=False)
     assert open_volumes(tmp_path / "vt").targets.empty
+
+
+def test_a_full_disk_stops_the_volume_build_unfinalised_and_the_rerun_finishes(tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    from cache.format import CacheWriteError
+    from prep.synth import synth
+
+    synth(tmp_path / "d", studies=2, seed=9, image_size=(48, 64), workers=1, progress=False)
+    real, calls = zarr.create_array, []
+
+    def full_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", kwargs.get("name"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("cache.volumes.zarr.create_array", full_after_two)
+    with pytest.raises(CacheWriteError, match="No space left on device"):
+        build_volumes(tmp_path / "d", tmp_path / "v", VolumeConfig(grid=32), workers=1, scheduler="synchronous",
+                      progress=False)
+    assert not (tmp_path / "v" / "manifest.json").exists()
+    monkeypatch.setattr("cache.volumes.zarr.create_array", real)
+    done = build_volumes(tmp_path / "d", tmp_path / "v", VolumeConfig(grid=32), workers=1, scheduler="synchronous",
+                         progress=False)
+    assert done.finalised and done.resumed == 2 and len(open_volumes(tmp_path / "v")) == done.built
