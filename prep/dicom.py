@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +140,13 @@ def _whole(text: str | None) -> int | None:
 
 
 def _not_empty(path: str | Path) -> None:
-    """A 0-byte file (an interrupted copy) gets its own reason instead of pydicom's 'missing DICM prefix'."""
-    if Path(path).stat().st_size == 0:
+    """A 0-byte file (an interrupted copy) gets its own reason instead of pydicom's 'missing DICM prefix'; something
+    that is not a regular file (a FIFO would block the reader forever) is refused unread."""
+    st = Path(path).stat()
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+        raise DicomError(path, f"not a regular file ({kind}): not read")
+    if st.st_size == 0:
         raise DicomError(path, "empty file (0 bytes)")
 
 

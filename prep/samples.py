@@ -41,8 +41,10 @@ class TableError(InputError):
 
 def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     """Every cell as a string (ids are validated, not coerced), with the file's line number of each row."""
-    if not path.is_file():
+    if not path.exists():
         raise TableError(path, "missing file")
+    if not path.is_file():
+        raise TableError(path, "not a regular file (a folder, FIFO or device): not read")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
@@ -78,8 +80,19 @@ def series_table(path: Path, errors: list[dict]) -> tuple[dict[tuple[int, int], 
     description; it is reported on every sample that points at the series)."""
     good: dict[tuple[int, int], str] = {}
     bad: dict[tuple[int, int], str] = {}
+    first: dict[tuple[int, int], tuple[int, str]] = {}  # (study, series) -> (line, description) as first listed
     for r in read_table(path, SERIES_COLUMNS).itertuples(index=False):
         reason = _bad_ids(r, ("study_id", "series_id"))
+        key = (int(r.study_id), int(r.series_id)) if reason is None else None
+        if key in first:  # listed again: the same row is harmless; another description cannot both be true
+            line, desc = first[key]
+            if desc != r.series_description:
+                good.pop(key, None)
+                bad[key] = (f"series listed twice with different descriptions: {desc!r} ({path.name}:{line}) and "
+                            f"{r.series_description!r} ({path.name}:{r.line})")
+            continue
+        if key is not None:
+            first[key] = (r.line, r.series_description)
         if reason is not None:
             errors.append(error(path.name, r.line, reason, study_id=r.study_id, series_id=r.series_id))
         elif r.series_description not in SERIES_DESCRIPTIONS:
@@ -114,11 +127,14 @@ def _labels_table(path: Path, errors: list[dict]) -> dict[int, tuple[int, tuple]
     return out
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # as a CSV writes a number: no '1_70.49', no 'nan'
+
+
 def _number(text: str) -> float | None:
-    try:
-        v = float(text)
-    except ValueError:
+    """A finite decimal number written plainly; Python's float() would also take '1_70.49' (as 170.49) or ' 5 '."""
+    if _NUMBER.fullmatch(str(text)) is None:
         return None
+    v = float(text)
     return v if np.isfinite(v) else None
 
 

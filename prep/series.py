@@ -36,15 +36,30 @@ class SampleError(Exception):
         self.stage, self.reason, self.path = stage, reason, path
 
 
-def index_series(series_dir: Path, datasets: dict[str, Any] | None = None
+def data_root(series_dir: str | Path) -> Path:
+    """The data folder a series folder ({split}_images/{study}/{series}) lies in: no file outside it is read."""
+    return Path(series_dir).parents[2]
+
+
+def _outside(path: str | Path, root: Path) -> str | None:
+    """Where a path really leads when a link takes it out of `root` (its real path), else None."""
+    real = Path(os.path.realpath(path))
+    return None if real.is_relative_to(os.path.realpath(root)) else str(real)
+
+
+def index_series(series_dir: Path, datasets: dict[str, Any] | None = None, within: Path | None = None
                  ) -> tuple[list[SliceHeader], dict[str, DicomError]]:
     """Headers of every *.dcm in the folder, and the files whose header failed, by path.
 
     ``datasets``, when given, is filled with each file's parsed dataset (pixel data deferred), by path, for
-    SeriesReader: a file that is indexed and then decoded is parsed once.
+    SeriesReader: a file that is indexed and then decoded is parsed once. ``within``: the data folder; a file (or the
+    series folder) that a symbolic link leads out of it is refused, never read. A second file of the same slice (the
+    same instance number and position, e.g. a stray copy `6 (1).dcm`) is left out and reported, once.
     """
     headers: list[SliceHeader] = []
     failed: dict[str, DicomError] = {}
+    if within is not None and (real := _outside(series_dir, within)):
+        raise DicomError(series_dir, f"the series folder links outside the data folder (to {real}): refused")
     try:
         names = sorted(os.listdir(series_dir))
     except OSError as e:  # e.g. no permission: every sample of the series fails with the reason
@@ -52,6 +67,10 @@ def index_series(series_dir: Path, datasets: dict[str, Any] | None = None
     for name in names:
         stem, ext = os.path.splitext(name)
         if ext.lower() != ".dcm":
+            continue
+        if within is not None and (real := _outside(series_dir / name, within)):
+            failed[str(series_dir / name)] = DicomError(series_dir / name, f"links outside the data folder (to "
+                                                                           f"{real}): refused, not read")
             continue
         try:
             header, ds = read_slice(series_dir / name, int(stem) if stem.isdigit() else None)
@@ -61,7 +80,33 @@ def index_series(series_dir: Path, datasets: dict[str, Any] | None = None
         headers.append(header)
         if datasets is not None and ds is not None:
             datasets[header.path] = ds
-    return headers, failed
+    return _without_copies(headers, failed, datasets), failed
+
+
+def _without_copies(headers: list[SliceHeader], failed: dict[str, DicomError], datasets: dict[str, Any] | None
+                    ) -> list[SliceHeader]:
+    """One file per slice: of files with the same instance number and position, the one named by its number (else
+    the first by name) is kept; each other is reported as a copy of it, so a stack never holds one slice twice."""
+    def key(h: SliceHeader) -> tuple:
+        return h.instance_number, None if h.position is None else tuple(round(v, 3) for v in h.position)
+
+    by_slice: dict[tuple, list[SliceHeader]] = {}
+    for h in headers:
+        by_slice.setdefault(key(h), []).append(h)
+    keep = []
+    for same in by_slice.values():
+        named = [h for h in same if Path(h.path).stem == str(h.instance_number)]
+        kept = (named or sorted(same, key=lambda h: h.path))[0]
+        keep.append(kept)
+        for h in same:
+            if h is not kept:
+                failed[h.path] = DicomError(h.path, f"a copy of {Path(kept.path).name} (same instance number "
+                                                    f"{h.instance_number} and position): left out, "
+                                                    f"{Path(kept.path).name} used")
+                if datasets is not None:
+                    datasets.pop(h.path, None)
+    kept = {id(h) for h in keep}
+    return [h for h in headers if id(h) in kept]
 
 
 class SeriesReader:
@@ -188,7 +233,7 @@ def process_series(series_dir: str | Path, samples: list[dict], config: PrepConf
         return [_sample_error(s, str(series_dir), "read", "missing series folder") for s in samples]
     datasets: dict[str, Any] = {}
     try:
-        headers, header_failed = index_series(series_dir, datasets)
+        headers, header_failed = index_series(series_dir, datasets, within=data_root(series_dir))
     except DicomError as e:
         return [_sample_error(s, e.path, "read", e.reason) for s in samples]
     # Slices that fit no grid of the series are its bad files, like undecodable ones (geometry.misfits).

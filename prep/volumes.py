@@ -34,7 +34,7 @@ from prep.dicom import DicomError, SliceHeader
 from prep.geometry import GRID_TOLERANCE_PX, sub_stacks
 from prep.samples import (COORD_COLUMNS, TableError, _bad_ids, _number, error, errors_frame, read_table,
                           series_table)
-from prep.series import SeriesReader, index_series
+from prep.series import SeriesReader, data_root, index_series
 from prep.windows import apply_windows, stack_bounds
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def process_series_volumes(series_dir: str | Path, series: dict[str, Any], confi
         return [dict(ok=False, **error(str(series_dir), None, "missing series folder", stage="read", **ids))]
     datasets: dict[str, Any] = {}
     try:
-        headers, header_failed = index_series(series_dir, datasets)
+        headers, header_failed = index_series(series_dir, datasets, within=data_root(series_dir))
     except DicomError as e:  # the folder itself cannot be listed
         return [dict(ok=False, **error(e.path, None, e.reason, stage="read", **ids))]
     reader = SeriesReader(headers, datasets)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cache.errors import InputError
 from lsdc.cli import app
 
 runner = CliRunner()
@@ -107,3 +108,20 @@ def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
     res = runner.invoke(app, ["prep", str(tmp_path / "d"), str(tmp_path / "c")])
     assert res.exit_code == 2 and res.output.strip() == (
         f"lsdc prep: No space left on device: {tmp_path / 'c' / 'index.parquet'}")
+
+
+def test_tables_a_user_gives_are_named_when_they_cannot_be_read(tmp_path):
+    import os
+
+    from train.predict import submission_rows
+
+    sub = tmp_path / "sub.csv"
+    sub.write_text("row_id,normal_mild,moderate,severe\n")
+    (tmp_path / "empty.csv").write_text("")
+    os.mkfifo(tmp_path / "fifo.csv")
+    for labels, says in (("empty.csv", "empty.csv: empty file (no header)"),
+                         ("fifo.csv", "fifo.csv: not a regular file"), ("nope.csv", "nope.csv: no such file")):
+        res = runner.invoke(app, ["evaluate", str(sub), "--labels", str(tmp_path / labels)])
+        assert res.exit_code == 2 and says in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    with pytest.raises(InputError, match="a header and no rows"):  # not an empty submission with exit 0
+        submission_rows(sub, [1])

@@ -12,6 +12,7 @@ docs/reliability.md lists them all with the stage and reason each one gives.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -425,6 +426,18 @@ def infinite_coordinate(d: Path) -> Expect:
     return Expect([("tables", r"coordinate x='\S+', y='inf' is not a finite number", S1, "L4/L5")])
 
 
+def underscored_coordinate(d: Path) -> Expect:
+    """Python's float() reads '1_70.49' as 170.49: a table's number is taken only as a CSV writes one."""
+    _edit_coords(d, S1, "L4/L5", x="1_70.49")
+    return Expect([("tables", r"coordinate x='1_70\.49', y='\S+' is not a finite number", S1, "L4/L5")])
+
+
+def fifo_in_series(d: Path) -> Expect:
+    """A FIFO named like a slice would block a reader forever: refused unread, reported once."""
+    os.mkfifo(_series(d, S0) / "99.dcm")
+    return Expect([("read", r"^not a regular file \(a FIFO\): not read$", S0, None)])
+
+
 def non_integer_instance(d: Path) -> Expect:
     inst = _labelled(d, S1, "L1/L2").stem
     _edit_coords(d, S1, "L1/L2", instance_number=f"{inst}.0")
@@ -452,6 +465,56 @@ def series_missing_from_series_table(d: Path) -> Expect:
                                                      + "\n")
     return Expect([("tables", rf"series {S2 + 4000} of study {S2} is not in train_series_descriptions\.csv", S2, lv)
                    for lv in LEVELS])
+
+
+def series_listed_twice_with_other_descriptions(d: Path) -> Expect:
+    """Which description is right cannot be known: the series is unusable, named on every sample, never guessed."""
+    with open(d / "train_series_descriptions.csv", "a") as f:
+        f.write(f"{S1},{S1 + 4000},Axial T2\n")
+    return Expect([("tables", r"series listed twice with different descriptions: 'Sagittal T2/STIR' "
+                              r"\(train_series_descriptions\.csv:3\) and 'Axial T2' "
+                              r"\(train_series_descriptions\.csv:5\)",
+                    S1, lv) for lv in LEVELS])
+
+
+def series_listed_twice_alike(d: Path) -> Expect:
+    """The same row twice is harmless: the cache is unchanged."""
+    with open(d / "train_series_descriptions.csv", "a") as f:
+        f.write(f"{S1},{S1 + 4000},Sagittal T2/STIR\n")
+    return Expect()
+
+
+def stray_copy_of_a_slice(d: Path) -> Expect:
+    """`6 (1).dcm`, a copy of the labelled 6.dcm: one file per slice is used, the copy is reported once, and every
+    stack is exactly the clean build's (never [.., 6, 6, ..])."""
+    path = _labelled(d, S0, "L2/L3")
+    copy = path.with_name(f"{path.stem} (1).dcm")
+    shutil.copy(path, copy)
+    return Expect([("read", rf"^a copy of {path.name} \(same instance number {path.stem} and position\): left out, "
+                            rf"{path.name} used$", S0, None)])
+
+
+def file_linked_outside_the_data_folder(d: Path) -> Expect:
+    """A slice that is a symbolic link to a file outside the data folder is refused, not read: its samples fail,
+    neighbouring stacks are built without it."""
+    path = _labelled(d, S2, "L1/L2")
+    outside = d.parent / "elsewhere" / path.name
+    outside.parent.mkdir()
+    shutil.move(path, outside)
+    path.symlink_to(outside)
+    failing = _levels_on(d, S2, path)
+    return Expect([("read", r"labelled instance: links outside the data folder \(to .*elsewhere.*\): refused, not "
+                            r"read$", S2, lv) for lv in failing], changed=_others(S2, *failing),
+                  dropped={(S2, int(path.stem))})
+
+
+def series_folder_linked_outside_the_data_folder(d: Path) -> Expect:
+    series = _series(d, S1)
+    outside = d.parent / "elsewhere_series"
+    shutil.move(series, outside)
+    series.symlink_to(outside, target_is_directory=True)
+    return Expect([("read", r"the series folder links outside the data folder \(to .*elsewhere_series\): refused",
+                    S1, lv) for lv in LEVELS])
 
 
 def stray_files_in_series(d: Path) -> Expect:
@@ -580,6 +643,13 @@ EXTRA: dict[str, Callable[[Path], Expect]] = {
     "duplicate_study_in_train_csv": duplicate_study_in_train_csv,
     "series_missing_from_series_table": series_missing_from_series_table,
     "stray_files_in_series": stray_files_in_series,
+    "series_listed_twice_with_other_descriptions": series_listed_twice_with_other_descriptions,
+    "series_listed_twice_alike": series_listed_twice_alike,
+    "stray_copy_of_a_slice": stray_copy_of_a_slice,
+    "underscored_coordinate": underscored_coordinate,
+    "fifo_in_series": fifo_in_series,
+    "file_linked_outside_the_data_folder": file_linked_outside_the_data_folder,
+    "series_folder_linked_outside_the_data_folder": series_folder_linked_outside_the_data_folder,
     **{f"bad_value[{name}]": _bad_value(*case) for name, case in BAD_VALUES.items()},
     **{f"empty_csv[{t}]": _table(t, lambda p: p.write_text(""), r"empty file \(no header\)") for t in TABLES},
     **{f"wrong_header[{t}]": _table(t, lambda p: p.write_text(p.read_text().replace("study_id", "studyid", 1)),

@@ -167,6 +167,9 @@ def submission_rows(sample_submission: str | os.PathLike | None, studies: list[i
     names = {label_column(c, lv): (c, lv) for c in CONDITIONS for lv in LEVELS}
     if sample_submission is not None:
         ids = read_submission(sample_submission)["row_id"].astype(str).tolist()
+        if not ids:
+            raise InputError(f"{sample_submission}: a header and no rows; a sample submission lists every row id "
+                             "(study x 25 condition-levels) to predict")
         parsed = [parse_row_id(r) for r in ids]
         sample_studies = list(dict.fromkeys(s for s, _ in parsed))
         if set(ids) != set(submission_row_ids(sample_studies)):

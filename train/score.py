@@ -127,12 +127,30 @@ def competition_score(df: pd.DataFrame, details: bool = False) -> dict[str, Any]
 
 # ---------------------------------------------------------------- the Kaggle-format entry point (CSV in, score out)
 
+def read_csv(path: str | os.PathLike, **kwargs: Any) -> pd.DataFrame:
+    """A CSV the user gave (labels, a submission, a sample submission); what cannot be read is an InputError naming
+    the file: missing, not a regular file, empty, not CSV."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if not p.is_file():
+        raise InputError(f"{p}: not a regular file (a folder, FIFO or device): not read")
+    try:
+        return pd.read_csv(p, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{p}: empty file (no header)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{p}: not a readable CSV ({' '.join(str(e).split())[:200]})") from None
+
+
 def labels_long(labels: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     """train.csv format (study_id + 25 label columns of label strings) -> one row per (study, condition, level).
 
     Columns: study_id, condition, level, row_id, label (Int8, <NA> for an empty cell). Unknown strings raise.
     """
-    wide = pd.read_csv(labels, dtype={"study_id": np.int64}) if not isinstance(labels, pd.DataFrame) else labels
+    wide = read_csv(labels, dtype={"study_id": np.int64}) if not isinstance(labels, pd.DataFrame) else labels
     if missing := [c for c in ("study_id", *LABEL_COLUMNS) if c not in wide.columns]:
         raise InputError(f"labels table lacks train.csv columns {missing[:5]}{'...' if len(missing) > 5 else ''}")
     records = []
@@ -153,7 +171,7 @@ def labels_long(labels: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
 
 def read_submission(submission: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
     """A submission CSV/DataFrame checked for exactly the Kaggle columns and unique row ids."""
-    sub = pd.read_csv(submission) if not isinstance(submission, pd.DataFrame) else submission
+    sub = read_csv(submission) if not isinstance(submission, pd.DataFrame) else submission
     expected = ["row_id", *PROB_COLUMNS]
     if list(sub.columns) != expected:
         raise InputError(f"submission columns are {list(sub.columns)}; expected exactly {expected}")
