@@ -323,8 +323,9 @@ def open(path: str | os.PathLike, verify_checksums: bool = False) -> CacheReader
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheFormatError(f"cache at {where}: {fmt.MANIFEST_FILE} is not valid JSON ({_short(e)})") from None
     if isinstance(manifest, dict) and manifest.get("kind") == "volumes":
-        raise fmt.WrongCacheKind(f"{where} is a volume cache (the localiser's input), not a crop cache: open it "
-                                 "with cache.volumes.open_volumes", "volumes")
+        raise fmt.WrongCacheKind(f"{where} is a volume cache (the localisers' input), not a crop cache: train "
+                                 "localisers on it with lsdc train-locator; in Python, cache.volumes.open_volumes",
+                                 "volumes")
     fmt.check_manifest(manifest, where)
     _check_array_info(manifest, where)
     index = _read_parquet(store, f"{prefix}{fmt.INDEX_FILE}", where)
