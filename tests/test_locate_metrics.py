@@ -31,6 +31,17 @@ def test_the_truth_scores_perfectly(data):
     assert m["subarticular"]["axial_assignment"] == 1 and m["n_missing"] == 0
 
 
+def test_a_given_axial_slice_reports_no_slice_figures(data):
+    # the subarticular localiser is validated on the true axial slices: "slice exact 1.000" would be a fake figure
+    volumes, truth = data
+    m = localisation_metrics(truth, truth, volumes.index, axial_slice_given=True)
+    s = m["subarticular"]
+    assert s["slice_given"] and not {"slice_exact", "slice_within_1", "axial_assignment"} & set(s)
+    assert s["point_mm_max"] < 1e-6 and m["spinal"]["slice_exact"] == 1
+    row = next(line for line in metrics_markdown(m) if line.startswith("| subarticular"))
+    assert row.split("|")[3:5] == [" given ", " given "] and row.split("|")[9] == " given "
+
+
 def test_a_shift_a_slice_and_a_level_are_each_measured(data):
     volumes, truth = data
     spinal = truth["condition"].eq("Spinal Canal Stenosis")

@@ -185,3 +185,38 @@ def test_score_submission_reads_csv_files(tmp_path):
     got = score_submission(tmp_path / "solution.csv", FIXTURES / "sample_submission.csv")
     # every group ln 3; one non-severe study predicted 1/3 severe -> ln 1.5
     assert got["score"] == pytest.approx((3 * math.log(3) + math.log(1.5)) / 4, rel=1e-12)
+
+
+def test_the_oracle_gap_is_the_score_difference_with_a_paired_interval_over_studies(tmp_path):
+    from train.score import oracle_gap
+
+    rng = np.random.default_rng(0)
+    studies = [11, 22, 33, 44, 55, 66]
+    cols = [c for c in LABEL_COLUMNS]
+    grades = ["Normal/Mild", "Moderate", "Severe"]
+    labels = pd.DataFrame([{"study_id": s, **{c: grades[rng.integers(0, 3)] for c in cols}} for s in studies])
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    ids = [f"{s}_{c}" for s in studies for c in cols]
+    p = rng.dirichlet([2, 2, 2], len(ids))
+    good = pd.DataFrame(p, columns=list(PROB_COLUMNS)).assign(row_id=ids)[["row_id", *PROB_COLUMNS]]
+    good.to_csv(tmp_path / "oracle.csv", index=False)
+
+    same = oracle_gap(tmp_path / "labels.csv", tmp_path / "oracle.csv", tmp_path / "oracle.csv", resamples=50)
+    assert same["gap"] == 0 and same["low"] == 0 and same["high"] == 0 and same["studies"] == 6
+
+    worse = good.copy()  # one study graded from points far off: uniform probabilities there
+    worse.loc[worse["row_id"].str.startswith("33_"), list(PROB_COLUMNS)] = 1 / 3
+    worse.to_csv(tmp_path / "located.csv", index=False)
+    gap = oracle_gap(tmp_path / "labels.csv", tmp_path / "located.csv", tmp_path / "oracle.csv", resamples=200)
+    assert gap["gap"] == pytest.approx(score_submission(tmp_path / "labels.csv", tmp_path / "located.csv")["score"]
+                                       - score_submission(tmp_path / "labels.csv", tmp_path / "oracle.csv")["score"])
+    assert gap["low"] <= gap["gap"] <= gap["high"] and gap["low"] < gap["high"]
+
+    from typer.testing import CliRunner
+
+    from lsdc.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "located.csv"), "--labels", str(tmp_path / "labels.csv"),
+                                   "--oracle", str(tmp_path / "oracle.csv")])
+    assert res.exit_code == 0, res.output
+    assert f"the price of locating them: {gap['gap']:+.4f} (90 % interval over 6 studies: " in res.output

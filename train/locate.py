@@ -271,17 +271,23 @@ class LocaliserTask(Task):
 
     def validate(self, model, data: FoldData, device, autocast) -> dict[str, Any]:
         pred, loss = self.predict_items(model, data.val_loader, device, autocast)
-        m = localisation_metrics(pred, self.truth_rows(data.val_positions), self.reader.index)[
+        m = localisation_metrics(pred, self.truth_rows(data.val_positions), self.reader.index, self.slice_given)[
             CONDITION_GROUP[POINTS[self.cfg.target][0][0]]]
         return {"val_loss": loss, **{k: v for k, v in m.items() if k != "n"}}
+
+    @property
+    def slice_given(self) -> bool:
+        """The subarticular localiser reads the true axial slice: its slice figures would be 1 by construction."""
+        return self.cfg.target == "subarticular"
 
     def selection_key(self, record: dict[str, Any]) -> list[float]:
         return [-record["val_loss"]]
 
     def summary_line(self, r: dict[str, Any]) -> str:
         return (f"{self.cfg.target} fold {r['fold']} epoch {r['epoch']:>2}/{self.cfg.epochs} | train "
-                f"{r['train_loss']:.4f} | val {r['val_loss']:.4f} | slice exact {r.get('slice_exact', math.nan):.3f}"
-                f" ±1 {r.get('slice_within_1', math.nan):.3f} | point mm median "
+                f"{r['train_loss']:.4f} | val {r['val_loss']:.4f} | "
+                + ("slice given" if self.slice_given else f"slice exact {r.get('slice_exact', math.nan):.3f}"
+                   f" ±1 {r.get('slice_within_1', math.nan):.3f}") + " | point mm median "
                 f"{r.get('point_mm_median', math.nan):.2f}"
                 f" p95 {r.get('point_mm_p95', math.nan):.2f} | level {r.get('level_identity', math.nan):.3f} | "
                 f"{r['samples_per_s']:.1f} items/s{' | best' if r['best'] else ''}")
@@ -303,7 +309,7 @@ class LocaliserTask(Task):
         folds_df = load_folds(run_dir / "folds.parquet")
         studies = set(folds_df.loc[folds_df["fold"].isin(folds), "study_id"])
         positions = np.flatnonzero(self.items["study_id"].isin(studies).to_numpy())
-        metrics = localisation_metrics(oof, self.truth_rows(positions), self.reader.index)
+        metrics = localisation_metrics(oof, self.truth_rows(positions), self.reader.index, self.slice_given)
         atomic_write_json(run_dir / "locate_metrics.json", json_safe(metrics))
         lines = [f"# {self.cfg.target} localiser", "", f"Out-of-fold points of folds {folds} against the true "
                  "coordinates (train.locate_metrics; docs/locate.md).", "", *metrics_markdown(metrics), ""]

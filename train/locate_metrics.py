@@ -100,15 +100,22 @@ def summarise(pairs: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def localisation_metrics(pred: pd.DataFrame, truth: pd.DataFrame, index: pd.DataFrame) -> dict[str, Any]:
+def localisation_metrics(pred: pd.DataFrame, truth: pd.DataFrame, index: pd.DataFrame,
+                         axial_slice_given: bool = False) -> dict[str, Any]:
     """Figures per condition group (spinal, foraminal, subarticular), and how many true points had no prediction.
 
-    `index`: the volume cache's index holding every series both tables name."""
+    `index`: the volume cache's index holding every series both tables name. `axial_slice_given`: the subarticular
+    points were found on the true axial slices (the localiser's own validation), so its slice figures measure
+    nothing and are left out, marked `slice_given`."""
     pairs = pair_points(pred, truth, index)
     groups = pairs["condition"].map(CONDITION_GROUP) if len(pairs) else pd.Series(dtype=str)
     out: dict[str, Any] = {g: summarise(pairs[groups == g]) for g in ("spinal", "foraminal", "subarticular")}
     sub = pairs[groups == "subarticular"]
-    if len(sub):
+    if len(sub) and axial_slice_given:
+        for k in ("slice_exact", "slice_within_1"):
+            out["subarticular"].pop(k)
+        out["subarticular"]["slice_given"] = True
+    elif len(sub):
         out["subarticular"]["axial_assignment"] = float(np.mean(sub["slice_offset"].to_numpy(dtype=float) == 0))
     out["n_true"] = int(len(truth))
     out["n_missing"] = int(len(truth) - len(pairs))
@@ -124,10 +131,17 @@ def metrics_markdown(m: dict[str, Any]) -> list[str]:
         if not s.get("n"):
             lines.append(f"| {g} | 0 | | | | | | | |")
             continue
-        axial = f"{s['axial_assignment']:.3f}" if "axial_assignment" in s else "–"
-        lines.append(f"| {g} | {s['n']} | {s['slice_exact']:.3f} | {s['slice_within_1']:.3f} | "
+        if s.get("slice_given"):
+            exact = within = axial = "given"
+        else:
+            exact, within = f"{s['slice_exact']:.3f}", f"{s['slice_within_1']:.3f}"
+            axial = f"{s['axial_assignment']:.3f}" if "axial_assignment" in s else "–"
+        lines.append(f"| {g} | {s['n']} | {exact} | {within} | "
                      f"{s['point_mm_median']:.2f} | {s['point_mm_p95']:.2f} | {s['point_mm_max']:.2f} | "
                      f"{s['level_identity']:.3f} | {axial} |")
+    if any(m.get(g, {}).get("slice_given") for g in ("subarticular",)):
+        lines.append("\n*given*: the points were found on the true axial slices (the localiser's validation); the "
+                     "slice is chosen by geometry only when locating (`lsdc locate`, `lsdc evaluate coords.csv`).")
     if m.get("n_missing"):
         lines.append(f"\n{m['n_missing']} of {m['n_true']} true points have no prediction (not in these figures).")
     return lines

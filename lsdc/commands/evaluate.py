@@ -49,12 +49,13 @@ def register(app: typer.Typer) -> None:
         parts = "  ".join(f"{k} {s[k]:.4f}" for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal"))
         typer.echo(f"score {s['score']:.4f}{' (partial)' if s['partial'] else ''}  |  {parts}")
         if oracle is not None:
-            from train.score import score_submission
+            from train.score import oracle_gap
 
             if labels is None:
                 raise SettingError("--oracle scores a submission: give --labels too")
-            o = score_submission(labels, oracle)["score"]
-            typer.echo(f"oracle score {o:.4f} (true points); the price of locating them: {s['score'] - o:+.4f}")
+            g = oracle_gap(labels, inputs[0], oracle)
+            typer.echo(f"oracle score {g['oracle']:.4f} (true points); the price of locating them: {g['gap']:+.4f} "
+                       f"(90 % interval over {g['studies']} studies: {g['low']:+.4f} .. {g['high']:+.4f})")
         if "temperature" in result:
             t = result["temperature"]
             temps = "  ".join(f"{g} T={v:.3f}" for g, v in t["temperature"].items())
