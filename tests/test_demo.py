@@ -19,8 +19,9 @@ TINY_LOC = dict(volume_grid=32, locator_backbone="test_efficientnet", locator_ep
 
 def test_demo_runs_every_stage_and_reports_real_figures(tmp_path):
     # small but learnable: 16 clean studies (difficulty 0), 10 epochs of a tiny backbone, ~30 s on 2 cores
+    # (v8's training: the slice-shift training learns more slowly than 10 epochs allow; the rerun test below runs it)
     cfg = DemoConfig(**TINY_LOC, studies=16, epochs=10, image_size=(64, 96), crop_size=32,
-                     backbone="test_efficientnet", workers=1, difficulty=0.0, lr=3e-3)
+                     backbone="test_efficientnet", workers=1, difficulty=0.0, lr=3e-3, slice_shift=0, jitter_mm=0.0)
     figures = run_demo(tmp_path, cfg)
 
     assert [t["stage"] for t in figures["timings"]] == [
@@ -50,6 +51,10 @@ def test_demo_rerun_continues_and_other_settings_are_refused(tmp_path):
     cfg = DemoConfig(**TINY_LOC, studies=5, epochs=1, image_size=(48, 64), crop_size=32,
                      backbone="test_efficientnet", workers=1)
     first = run_demo(tmp_path, cfg)
+    # the demo's grader is trained for located points: 9-slice crops, 7 read around a centre moved by up to 1, mm jitter
+    assert json.loads((tmp_path / "cache_train" / "manifest.json").read_text())["config"]["slices"] == 9
+    trained = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (trained["slices"], trained["aug_slice_shift"], trained["aug_jitter_mm"]) == (7, 1, 2.0)
     dicom = next((tmp_path / "data" / "train_images").rglob("*.dcm"))
     checkpoint = tmp_path / "run" / "fold0" / "last.pt"
     stamps = dicom.stat().st_mtime_ns, checkpoint.stat().st_mtime_ns

@@ -57,4 +57,5 @@ def bench_predict(graders: list[str | Path], locator: str | Path, data_dir: str 
             "device": device, "workers": workers, "scheduler": scheduler, "seconds": total,
             "seconds_per_study_by_stage": per_study, "volume_series_per_s": series_per_s,
             "crop_samples_per_s": samples_per_s, "ratios": ratios,
-            "targets": {k: _verdict(ratios[k], *TARGETS[k]) for k in TARGETS}}
+            "targets": {k: _verdict(ratios[k], *TARGETS[k]) for k in TARGETS},
+            "machine_end": {"load_avg": machine_info()["load_avg"]}}

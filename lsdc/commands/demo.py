@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         backbone: Optional[str] = _opt("backbone"),
         workers: Optional[int] = _opt("workers"),
     ) -> None:
-        """Run the whole pipeline on built-in synthetic data; writes OUT/demo_report.md (a few minutes on 2 cores).
+        """Run the whole pipeline on built-in synthetic data; writes OUT/demo_report.md (about 12 minutes on 2 cores).
 
         Rerunning with the same settings continues an interrupted demo; a finished one reuses its data, caches and
         model and redoes evaluation, prediction and the report."""
