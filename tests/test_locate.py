@@ -192,3 +192,47 @@ def test_docs_list_every_localiser_setting_as_the_dataclass_says():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "locate.md").read_text()
     assert f"<!-- settings:start -->\n{settings_markdown(LocateConfig)}<!-- settings:end -->" in docs, \
         "docs/locate.md's settings table is stale: paste train.config.settings_markdown(LocateConfig) there"
+
+
+def _sagittal_row(n: int = 3, grid: int = 32, mm: float = 4.0) -> dict:
+    """A sagittal volume's index row: columns run posterior (+y), rows run down (-z), slices 10 mm apart in x."""
+    o = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+    return dict(key="1_3_0", study_id=1, series_id=3, series_description="Sagittal T1", stack=0, n_slices=n,
+                grid=grid, instance_numbers=list(range(1, n + 1)),
+                positions=[float(v) for k in range(n) for v in (10.0 * (k - 1), 0.0, 0.0)], orientations=o * n,
+                spacings=[mm, mm] * n, ref_slice=n // 2, ref_rows=grid, ref_cols=grid, scale_x=1.0, offset_x=0.0,
+                scale_y=1.0, offset_y=0.0)
+
+
+def test_the_foramina_are_anchored_on_the_canal_levels():
+    # a foraminal heatmap that prefers the disc above (the off-by-one level error) is pulled back to its own level
+    # by the canal points, which the spinal localiser places with the most reliable level identity
+    from cache.rsna import LEVELS
+    from cache.volumes import geometry_of
+    from train.locate import POINTS
+    from train.locator import LEVEL_PRIOR_MM, Localisers, level_prior
+
+    geo = geometry_of(pd.Series(_sagittal_row()))
+    canal = {lv: np.array([0.0, 64.0, -16.0 - 24.0 * i]) for i, lv in enumerate(LEVELS)}  # discs 24 mm apart
+    channels = POINTS["foraminal"]
+    prior = level_prior(geo, canal, channels)
+    c = channels.index(("Left Neural Foraminal Narrowing", "L3/L4"))
+    k, _, u, v = geo.nearest(canal["L3/L4"])
+    assert prior[c, k, round(v), round(u)] == pytest.approx(0, abs=1e-3)
+    k, _, u, v = geo.nearest(canal["L2/L3"])  # one level up: -1/2 (24 / sigma)^2
+    assert prior[c, k, round(v), round(u)] == pytest.approx(-0.5 * (24 / LEVEL_PRIOR_MM) ** 2, rel=0.02)
+    assert level_prior(geo, {lv: p for lv, p in canal.items() if lv != "L5/S1"}, channels) is None
+
+    class Heatmaps(torch.nn.Module):  # stride-4 logits of a 32-cell volume: 8 x 8 cells per slice
+        def forward(self, x):
+            out = torch.zeros(1, len(channels), 3, 8, 8)
+            out[0, c, 1, 2, 4] = 6.0  # the disc above (pixel row ~9.5): the stronger peak
+            out[0, c, 1, 4, 4] = 4.5  # its own disc (pixel row ~17.5)
+            return out
+
+    loc = Localisers.__new__(Localisers)
+    loc.cfg, loc.models, loc.device = LocateConfig(target="foraminal"), [Heatmaps()], torch.device("cpu")
+    volume = np.zeros((3, 32, 32), np.uint8)
+    _, _, v_plain, _ = loc.predict(volume)
+    _, _, v_anchored, _ = loc.predict(volume, prior=prior)
+    assert v_plain[c] == pytest.approx(9.5, abs=1) and v_anchored[c] == pytest.approx(17.5, abs=1)

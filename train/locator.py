@@ -1,7 +1,8 @@
 """Finding every condition-level of a study from its volumes alone: the trained localisers, chained.
 
     Sagittal T2/STIR volume -> the spinal localiser -> the canal's point and slice at each level
-    Sagittal T1 volume      -> the foraminal localiser -> left and right foramen at each level
+    Sagittal T1 volume      -> the foraminal localiser -> left and right foramen at each level, each weighted
+        towards its level's canal point (the canal's level identity is the most reliable: `level_prior`)
     each level's canal point, in the patient -> the nearest Axial T2 slice (any axial series or sub-stack, the one
         whose plane is nearest) -> the subarticular localiser on it -> left and right recess
 
@@ -39,6 +40,10 @@ COORD_COLUMNS = ["study_id", "series_id", "instance_number", "condition", "level
 LOG_COLUMNS = ["study_id", "condition", "level", "series_id", "what", "reason"]
 # A level whose canal point lies further than this from every axial slice is not covered by the axial series.
 AXIAL_REACH_SLICES = 1.5
+# Foramina are anchored on the canal's levels: each foramen's heatmap is weighted by a Gaussian of this width (mm)
+# along the spine around its level's canal point. Discs lie ~30-40 mm apart, so a foramen one level off costs ~5 nats
+# while the foramen's own offset from its disc (a few mm) costs almost nothing.
+LEVEL_PRIOR_MM = 10.0
 
 
 class Localisers:
@@ -57,9 +62,11 @@ class Localisers:
         self.device = device
 
     @torch.no_grad()
-    def predict(self, stack: np.ndarray, axial: bool = False) -> tuple[np.ndarray, ...]:
+    def predict(self, stack: np.ndarray, axial: bool = False, prior: np.ndarray | None = None
+                ) -> tuple[np.ndarray, ...]:
         """uint8 (D, G, G) sagittal volume, or (1, 3, G, G) axial slice with its neighbours -> per point k, u, v
-        (grid cells of the volume) and confidence; the fold models' probabilities averaged."""
+        (grid cells of the volume) and confidence; the fold models' probabilities averaged. `prior`: a log-prior
+        (C, D, G, G) added to each point's log-probabilities before decoding (see `level_prior`)."""
         x = torch.from_numpy(stack).to(self.device).float().div_(255)
         grid, size = x.shape[-1], self.cfg.image_size or x.shape[-1]
         if size != grid:
@@ -70,6 +77,11 @@ class Localisers:
         mask = torch.ones(1, x.shape[1], dtype=torch.bool, device=self.device)
         masked = [masked_log_softmax(m(x), mask).exp() for m in self.models]
         logp = torch.stack(masked).mean(0).clamp_min(1e-30).log()
+        if prior is not None:
+            extra = torch.from_numpy(prior).to(self.device).float()  # volume grid -> the heatmap's cells
+            extra = torch.nn.functional.interpolate(extra, size=tuple(logp.shape[-2:]), mode="bilinear",
+                                                    align_corners=False, antialias=True)
+            logp = logp + extra[None]
         k, u, v, conf = (t[0].cpu().numpy() for t in decode(logp, mask, shared_slice=self.cfg.target == "spinal"))
         f = grid / size
         return k, (u + 0.5) * f - 0.5, (v + 0.5) * f - 0.5, conf
@@ -133,6 +145,28 @@ def _foraminal_midpoints(rows: list[dict], index: pd.DataFrame, vol: int | None)
         k, u, v = geo.to_volume(r["instance_number"], r["x"], r["y"])
         by_level.setdefault(r["level"], []).append(geo.patient(k, u, v)[0])
     return {lv: np.mean(ps, axis=0) for lv, ps in by_level.items() if len(ps) == 2}
+
+
+def level_prior(geo: Any, canal: dict[str, np.ndarray], channels: list[tuple[str, str]],
+                sigma_mm: float = LEVEL_PRIOR_MM) -> np.ndarray | None:
+    """A log-prior (C, D, G, G) over a sagittal volume: for each channel's level, -1/2 (d / sigma)^2 with d the
+    distance along the spine (the direction between the neighbouring canal points) from the level's canal point.
+    None without the five canal points (nothing to anchor on). The canal's level identity is the localisers' most
+    reliable figure (docs/locate.md), so the foramina borrow it instead of counting discs again."""
+    if not all(lv in canal for lv in LEVELS):
+        return None
+    points = np.stack([canal[lv] for lv in LEVELS])
+    g, d = geo.size, len(geo.depths)
+    v, u = np.meshgrid(np.arange(g, dtype=float), np.arange(g, dtype=float), indexing="ij")
+    cells = np.stack([geo.patient(k, u.ravel(), v.ravel()) for k in range(d)])  # (D, G*G, 3)
+    out = np.zeros((len(channels), d, g, g), dtype=np.float32)
+    for c, (_, level) in enumerate(channels):
+        i = LEVELS.index(level)
+        axis = points[min(i + 1, len(LEVELS) - 1)] - points[max(i - 1, 0)]
+        axis = axis / max(float(np.linalg.norm(axis)), 1e-6)
+        along = (cells - points[i]) @ axis
+        out[c] = (-0.5 * (along / sigma_mm) ** 2).reshape(d, g, g)
+    return out
 
 
 def nearest_axial(index: pd.DataFrame, study: int, point: np.ndarray) -> tuple[int, int, float] | None:
@@ -204,7 +238,11 @@ def locate_volumes(locator: dict[str, Localisers], reader: Any, studies: Iterabl
             if note:
                 notes.append(dict(study_id=study, condition=None, level=None, series_id=int(index.at[vol, "series_id"]),
                                   what="chosen", reason=note))
-            k, u, v, conf = locator[target].predict(reader[vol])
+            prior = None
+            if target == "foraminal" and sagittal["spinal"][0] is not None:  # anchored on the canal's levels
+                prior = level_prior(geometry_of(index.loc[vol]), _canal_points(*_args(sagittal["spinal"], index)),
+                                    POINTS["foraminal"])
+            k, u, v, conf = locator[target].predict(reader[vol], prior=prior)
             rows = points_to_rows(index.loc[vol], target, None, k, u, v, conf)
             coords += rows
             sagittal[target] = (vol, rows)
