@@ -214,7 +214,8 @@ def _write_report(out: Path, cfg: DemoConfig, f: dict[str, Any]) -> None:
         "The test split's located points against its true ones (`submission_work/coords.csv` vs "
         "`test_label_coordinates.csv`):", "",
         *metrics_markdown(f["localisation"]), "",
-        "Out-of-fold, on the validation studies of each localiser (fold 0):", "",
+        "Out-of-fold, on the validation studies of each localiser (fold 0; each alone, so the foramina are not "
+        "anchored on the canal as `lsdc locate` does):", "",
         *metrics_markdown(oof), "",
         "## Time", "",
         "| stage | seconds |", "|---|---|",
