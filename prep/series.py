@@ -139,12 +139,13 @@ class SeriesReader:
             if dropped:
                 raise SampleError("decode", f"labelled instance: {dropped[0].reason}", dropped[0].path)
             stack = stack_around(self.headers, instance_number, slices)
-            bad = [h for h in dict.fromkeys(stack.slices) if not self._decode(h)]
+            bad = [h for h in dict.fromkeys(stack.slices) if not self.decode(h)]
             if not bad:
                 return stack, {h.path: self.pixels[h.path] for h in stack.slices}
             self.headers = [h for h in self.headers if h not in bad]
 
-    def _decode(self, h: SliceHeader) -> bool:
+    def decode(self, h: SliceHeader) -> bool:
+        """Decode one slice's pixels into `pixels`, once; False, with the reason in `failed`, when it cannot be."""
         if h.path in self.pixels:
             return True
         if h.path in self.failed:

@@ -77,7 +77,7 @@ def resample(img: np.ndarray, affine: np.ndarray | None, grid: GridMap, size: in
 def stack_volume(group: list[SliceHeader], reader: SeriesReader, config: VolumeConfig
                  ) -> tuple[np.ndarray, dict[str, Any]]:
     """One sub-stack -> (uint8 (D, G, G), its geometry for the index). Slices that fail to decode are dropped."""
-    ordered = [h for h in order_stack(group) if reader._decode(h)]
+    ordered = [h for h in order_stack(group) if reader.decode(h)]
     if not ordered:
         raise ValueError("no slice of this sub-stack could be decoded")
     ref = ordered[len(ordered) // 2]
