@@ -135,7 +135,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
         "test_parts": {k: test_score[k] for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal")},
         "oracle_score": oracle["score"],
         "oracle_parts": {k: oracle[k] for k in ("spinal", "foraminal", "subarticular", "any_severe_spinal")},
-        "oracle_gap": test_score["score"] - oracle["score"],
+        "oracle_gap": gap["gap"],
         "oracle_gap_interval": [gap["low"], gap["high"]],
         "test_studies": gap["studies"],
         "localisation": located,

@@ -139,7 +139,7 @@ def metrics_markdown(m: dict[str, Any]) -> list[str]:
         lines.append(f"| {g} | {s['n']} | {exact} | {within} | "
                      f"{s['point_mm_median']:.2f} | {s['point_mm_p95']:.2f} | {s['point_mm_max']:.2f} | "
                      f"{s['level_identity']:.3f} | {axial} |")
-    if any(m.get(g, {}).get("slice_given") for g in ("subarticular",)):
+    if m.get("subarticular", {}).get("slice_given"):
         lines.append("\n*given*: the points were found on the true axial slices (the localiser's validation); the "
                      "slice is chosen by geometry only when locating (`lsdc locate`, `lsdc evaluate coords.csv`).")
     if m.get("n_missing"):

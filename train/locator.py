@@ -224,6 +224,7 @@ def locate_volumes(locator: dict[str, Localisers], reader: Any, studies: Iterabl
 
     for study in tqdm(studies, desc="locate", unit="study", **progress_options(progress)):
         sagittal: dict[str, tuple[int | None, list[dict]]] = {}
+        canal: dict[str, np.ndarray] = {}
         for target in ("spinal", "foraminal"):
             conditions = sorted({c for c, _ in POINTS[target]}, key=CONDITIONS.index)
             if target not in locator:
@@ -239,18 +240,18 @@ def locate_volumes(locator: dict[str, Localisers], reader: Any, studies: Iterabl
                 notes.append(dict(study_id=study, condition=None, level=None, series_id=int(index.at[vol, "series_id"]),
                                   what="chosen", reason=note))
             prior = None
-            if target == "foraminal" and sagittal["spinal"][0] is not None:  # anchored on the canal's levels
-                prior = level_prior(geometry_of(index.loc[vol]), _canal_points(*_args(sagittal["spinal"], index)),
-                                    POINTS["foraminal"])
+            if target == "foraminal" and canal:  # anchored on the canal's levels
+                prior = level_prior(geometry_of(index.loc[vol]), canal, POINTS["foraminal"])
             k, u, v, conf = locator[target].predict(reader[vol], prior=prior)
             rows = points_to_rows(index.loc[vol], target, None, k, u, v, conf)
             coords += rows
             sagittal[target] = (vol, rows)
+            if target == "spinal":
+                canal = _canal_points(rows, index, vol)  # each level's canal point in the patient
         if "subarticular" not in locator:
             missing(study, [c for c, _ in POINTS["subarticular"]], "no subarticular localiser in the locator")
             continue
-        levels = _canal_points(*_args(sagittal["spinal"], index)) or \
-            _foraminal_midpoints(*_args(sagittal["foraminal"], index))
+        levels = canal or _foraminal_midpoints(*_args(sagittal["foraminal"], index))
         for level in LEVELS:
             sub = [c for c, _ in POINTS["subarticular"]]
             if level not in levels:

@@ -213,7 +213,7 @@ def oracle_gap(solution: pd.DataFrame | str | os.PathLike, located: pd.DataFrame
     tenths from one split to the next; the interval says how far to trust it.
     """
     a, b = match_submission(solution, located), match_submission(solution, oracle)
-    gap = competition_score(a)["score"] - competition_score(b)["score"]
+    score_a, score_b = competition_score(a)["score"], competition_score(b)["score"]
     studies = a["study_id"].unique()
     by_a, by_b = dict(tuple(a.groupby("study_id"))), dict(tuple(b.groupby("study_id")))
     rng = np.random.default_rng(seed)
@@ -225,5 +225,5 @@ def oracle_gap(solution: pd.DataFrame | str | os.PathLike, located: pd.DataFrame
         rb = pd.concat([by_b[s].assign(study_id=i) for i, s in enumerate(pick)], ignore_index=True)
         draws.append(competition_score(ra)["score"] - competition_score(rb)["score"])
     low, high = np.nanpercentile(draws, [5, 95]) if draws else (float("nan"), float("nan"))
-    return {"gap": float(gap), "low": float(low), "high": float(high), "studies": len(studies),
-            "located": competition_score(a)["score"], "oracle": competition_score(b)["score"]}
+    return {"gap": score_a - score_b, "low": float(low), "high": float(high), "studies": len(studies),
+            "located": score_a, "oracle": score_b}

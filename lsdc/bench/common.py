@@ -9,9 +9,9 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from datetime import UTC
 
 
 def cpu_model() -> str:
@@ -30,8 +30,6 @@ def total_memory_gb() -> float:
 def machine_info() -> dict[str, Any]:
     """What a reader needs to judge a figure: CPU, cores this process may use, RAM, load, versions, GPU."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    from datetime import datetime
-
     info: dict[str, Any] = {"time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model(),
                             "cores": cores, "ram_gb": round(total_memory_gb(), 1),
                             "load_avg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
